@@ -1,0 +1,421 @@
+"""The typed config tree: frozen dataclasses, TOML presets, dotted overrides, validation.
+
+One tree (`Config`) with one section per concern. Presets are TOML files in `configs/` that may
+`extends = "other_preset"`; command-line overrides are `section.field=value`. Every check that
+can fail runs in `validate` before anything is compiled, and each error names the setting, what
+was expected, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped, out of range or inconsistent."""
+
+
+# Allowed values of enumerated settings, in one place so errors and docs list the same set.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.positions": ("rope", "learned", "none"),
+    "model.mlp": ("swiglu", "gelu"),
+    "model.norm_type": ("rms", "layer"),
+    "model.norm": ("pre", "post"),
+    "model.remat": ("none", "full", "save_matmuls"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.source": ("depo", "synthetic_random", "text"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "mesh.rules": ("dp", "fsdp"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the data source's tokenizer
+    num_layers: int = 4
+    d_model: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention
+    head_dim: int = 0  # 0: d_model // num_heads
+    d_ff: int = 0  # 0: 4*d_model for gelu, 8/3*d_model rounded up to a multiple of 64 for swiglu
+    max_seq_len: int = 256
+    positions: str = "rope"
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"
+    norm_type: str = "rms"
+    norm: str = "pre"  # norm placement of every layer, unless layer_norms overrides it
+    # Per-layer placement overrides, "first-last:placement" with 0-based inclusive layer indices,
+    # e.g. ("0-2:post",). Neighbouring layers with equal specs still share one scanned segment.
+    layer_norms: tuple[str, ...] = ()
+    norm_eps: float = 1e-6
+    qk_norm: bool = False
+    final_norm: bool = True
+    use_bias: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # Packed rows hold several documents; with this on, attention never crosses a document.
+    document_mask: bool = True
+    scan_layers: bool = True  # False: unrolled python loop over layers (for debugging)
+    remat: str = "none"
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+
+
+@dataclass(frozen=True)
+class DepoConfig:
+    """Depo (Physics of LMs 4.1): k-th successor queries over random directed cycles."""
+
+    min_nodes: int = 4  # nodes per cycle
+    max_nodes: int = 8
+    num_cycles: int = 1  # cycles per sample
+    max_hops: int = 4  # k is drawn from 1..max_hops
+    queries: int = 1  # queries per sample
+    name_vocab: int = 32  # distinct tokens names are spelled with
+    min_name_len: int = 1
+    max_name_len: int = 2
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "depo"
+    seq_len: int = 128
+    batch_size: int = 32  # global batch, in sequences
+    seed: int = 0
+    paths: tuple[str, ...] = ()  # for source=text: .txt, .jsonl or .parquet files
+    text_field: str = "text"  # for .jsonl / .parquet
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    val_fraction: float = 0.05
+    synthetic_vocab: int = 4096  # for source=synthetic_random
+    num_eval_batches: int = 8
+    depo: DepoConfig = field(default_factory=DepoConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Parameter kinds spared from weight decay: any of "norm", "bias", "embed".
+    no_decay: tuple[str, ...] = ("norm", "bias")
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    microbatches: int = 1  # gradient accumulation inside the step
+    seed: int = 0
+    z_loss: float = 0.0
+    # A non-finite loss or gradient: "stop" ends the run naming the last good checkpoint;
+    # "skip" drops that update and goes on.
+    on_nonfinite: str = "stop"
+    log_every: int = 20
+    eval_every: int = 200
+    run_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    rules: str = "dp"  # logical-axis rules preset, see layerjax/sharding.py
+    num_devices: int = 0  # 0: all local devices
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 200  # 0 disables periodic checkpoints (the final one is still written)
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES["train.on_nonfinite"] = ("stop", "skip")
+
+
+# ---------------------------------------------------------------- tree <-> dict, overrides
+
+
+def to_dict(cfg) -> dict:
+    return {
+        f.name: to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        for f in dataclasses.fields(cfg)
+        for v in [getattr(cfg, f.name)]
+    }
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, typ, key: str):
+    """Converts a TOML or command-line value to the field's declared type, or raises."""
+    origin = typing.get_origin(typ)
+    if origin in (tuple,):
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def _unknown_key(key: str, valid: typing.Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in _field_types(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += all_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _apply(cfg, updates: dict, prefix: str = ""):
+    """Returns cfg with a nested dict of updates applied (types coerced, keys checked)."""
+    types_ = _field_types(type(cfg))
+    changes = {}
+    for name, value in updates.items():
+        key = prefix + name
+        if name not in types_:
+            raise _unknown_key(key, all_keys())
+        typ = types_[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: is a section; set its fields, e.g. {key}.<field>=...")
+            changes[name] = _apply(getattr(cfg, name), value, key + ".")
+        else:
+            changes[name] = _coerce(value, typ, key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(args: typing.Sequence[str]) -> dict:
+    """["model.num_layers=12", "optim.lr=3e-4"] -> nested dict of strings."""
+    nested: dict = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override '{arg}' is not of the form section.field=value")
+        key, value = arg.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_path(name: str) -> pathlib.Path:
+    path = pathlib.Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name}.toml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    raise ConfigError(f"config preset '{name}' not found: give a .toml path or one of {known}")
+
+
+def load_preset(name: str, _seen: tuple = ()) -> dict:
+    path = preset_path(name)
+    if path in _seen:
+        raise ConfigError(f"preset {path} extends itself (cycle {[str(p) for p in _seen]})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    parent = raw.pop("extends", None)
+    if parent:
+        return _merge(load_preset(parent, _seen + (path,)), raw)
+    return raw
+
+
+def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Builds the config: defaults <- preset chain <- overrides, then validates it."""
+    cfg = Config()
+    if preset:
+        cfg = _apply(cfg, load_preset(preset))
+    cfg = _apply(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- TOML output
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(cfg) -> str:
+    """The resolved config as TOML, loadable again as a preset."""
+    lines: list[str] = []
+
+    def emit(d: dict, prefix: str):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if scalars:
+            lines.append(f"[{prefix}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+            lines.append("")
+        for k, v in d.items():
+            if isinstance(v, dict):
+                emit(v, f"{prefix}.{k}")
+
+    for section, values in to_dict(cfg).items():
+        emit(values, section)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- derived values and checks
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Raises ConfigError for the first problem found, before anything expensive happens."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    m = cfg.model
+    positive = {
+        "model.num_layers": m.num_layers, "model.d_model": m.d_model, "model.num_heads": m.num_heads,
+        "model.max_seq_len": m.max_seq_len, "data.seq_len": cfg.data.seq_len,
+        "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+        "train.microbatches": cfg.train.microbatches, "train.log_every": cfg.train.log_every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
+            "choose a divisor or set model.head_dim explicitly")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError(
+            f"model.num_kv_heads={kv} must divide model.num_heads={m.num_heads} (grouped-query attention)")
+    if head_dim(m) % 2 and m.positions == "rope":
+        raise ConfigError(f"model.positions='rope' needs an even head dim, got {head_dim(m)}")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+            f"model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+    if cfg.data.batch_size % cfg.train.microbatches:
+        raise ConfigError(
+            f"train.microbatches={cfg.train.microbatches} must divide data.batch_size={cfg.data.batch_size}")
+    bad = set(cfg.optim.no_decay) - {"norm", "bias", "embed"}
+    if bad:
+        raise ConfigError(f"optim.no_decay has {sorted(bad)}; allowed: ['norm', 'bias', 'embed']")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.data.source == "text" and not cfg.data.paths:
+        raise ConfigError("data.source='text' needs data.paths, e.g. data.paths=corpus.txt")
+    d = cfg.data.depo
+    if not 2 <= d.min_nodes <= d.max_nodes:
+        raise ConfigError(f"data.depo needs 2 <= min_nodes <= max_nodes, got {d.min_nodes}, {d.max_nodes}")
+    if not 1 <= d.min_name_len <= d.max_name_len:
+        raise ConfigError("data.depo needs 1 <= min_name_len <= max_name_len")
+    if d.max_hops < 1:
+        raise ConfigError(f"data.depo.max_hops={d.max_hops} must be at least 1")
+    # Imported here: the plan parses layer_norms and raises ConfigError on bad entries.
+    from layerjax.model.plan import build_plan
+
+    build_plan(m)
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.head_dim or m.d_model // m.num_heads
+
+
+def kv_heads(m: ModelConfig) -> int:
+    return m.num_kv_heads or m.num_heads
+
+
+def d_ff(m: ModelConfig) -> int:
+    if m.d_ff:
+        return m.d_ff
+    if m.mlp == "gelu":
+        return 4 * m.d_model
+    return -(-int(8 * m.d_model / 3) // 64) * 64

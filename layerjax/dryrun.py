@@ -1,0 +1,51 @@
+"""The dry-run report: what a config means, without compiling or training anything."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from layerjax import sharding
+from layerjax.config import Config
+from layerjax.data.pipeline import build_data
+from layerjax.train.flops import flops_per_token, matmul_params
+from layerjax.train.state import build_setup, resolve_vocab
+
+
+def _bytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` (a shard's shape, summed over leaves)."""
+    full = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, tree)
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(full)))
+
+
+def dry_run_report(cfg: Config) -> str:
+    data = build_data(cfg, jax.process_index(), jax.process_count())
+    cfg = resolve_vocab(cfg, data.vocab_size)
+    setup = build_setup(cfg)
+    m = cfg.model
+    state = setup.abstract_state
+    lines = [
+        f"parameters           {setup.num_params:,} ({matmul_params(m):,} in matmuls)",
+        f"FLOPs per token      {flops_per_token(m, cfg.data.seq_len):,.0f} (6N + attention, training)",
+        f"tokens per step      {cfg.data.batch_size * cfg.data.seq_len:,} "
+        f"({cfg.data.batch_size} x {cfg.data.seq_len}, {cfg.train.microbatches} microbatch(es))",
+        f"vocabulary           {m.vocab_size} ({cfg.data.source})",
+        "",
+        f"layer plan: {m.num_layers} layers in {len(setup.plan.segments)} scanned segment(s)"
+        + ("" if m.scan_layers else " (run unrolled: model.scan_layers=false)"),
+        setup.plan.table(),
+        "",
+        f"mesh {dict(setup.mesh.shape)} with rules '{cfg.mesh.rules}': {setup.rules}",
+        f"batch sharding       {setup.batch_sharding.spec}",
+        f"per device           params {_per_device_bytes(state.params, setup.state_shardings.params) / 2**20:.1f} MiB, "
+        f"optimizer state {_per_device_bytes(state.opt_state, setup.state_shardings.opt_state) / 2**20:.1f} MiB "
+        f"(total unsharded {(_bytes(state.params) + _bytes(state.opt_state)) / 2**20:.1f} MiB)",
+        "",
+        sharding.describe(state.params, setup.rules, setup.mesh),
+    ]
+    return "\n".join(lines)

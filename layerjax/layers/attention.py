@@ -1,0 +1,103 @@
+"""Causal multi-head / grouped-query attention with RoPE, optional QK-norm and a KV cache.
+
+The cache is functional: a dict {"k", "v"} of [B, S, KVH, K] arrays passed in and returned, so a
+scanned segment carries one stacked cache per layer as an ordinary scan input/output.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layerjax.layers.embed import apply_rope
+from layerjax.layers.norms import Norm
+from layerjax.layers.params import const_param, normal_param
+
+KVCache = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every layer needs to know about the tokens, computed once per forward pass.
+
+    positions_BxL: position of each token within its document (RoPE and the cache mask).
+    segment_ids_BxL: document id per token in a packed row; None means one document per row.
+    cache_index: during decoding, the cache slot where these tokens are written; None otherwise.
+    """
+
+    positions_BxL: jax.Array
+    segment_ids_BxL: jax.Array | None = None
+    cache_index: jax.Array | None = None
+
+
+def attention_mask(ctx: Context, num_keys: int) -> jax.Array:
+    """[B, L, S] boolean: which keys each query may attend to."""
+    if ctx.cache_index is not None:  # decoding: keys are cache slots 0..S-1, filled up to the query
+        key_pos_S = jnp.arange(num_keys)
+        return key_pos_S[None, None, :] <= ctx.positions_BxL[:, :, None]
+    length = ctx.positions_BxL.shape[1]
+    causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
+    if ctx.segment_ids_BxL is None:
+        return causal_LxL[None]
+    same_doc_BxLxL = ctx.segment_ids_BxL[:, :, None] == ctx.segment_ids_BxL[:, None, :]
+    return causal_LxL[None] & same_doc_BxLxL
+
+
+def dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask_BxLxS) -> jax.Array:
+    """softmax(q k^T / sqrt(K)) v with N kv heads shared by groups of H/N query heads."""
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    kv_heads = k_BxSxNxK.shape[2]
+    q_BxLxNxGxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    logits_BxNxGxLxS = jnp.einsum("blngk,bsnk->bngls", q_BxLxNxGxK, k_BxSxNxK,
+                                  preferred_element_type=jnp.float32) * head_dim**-0.5
+    logits_BxNxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxNxGxLxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxNxGxLxS, axis=-1).astype(v_BxSxNxK.dtype)
+    out_BxLxNxGxK = jnp.einsum("bngls,bsnk->blngk", probs, v_BxSxNxK)
+    return out_BxLxNxGxK.reshape(batch, length, heads, head_dim)
+
+
+class Attention(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rope_theta: float | None, qk_norm: bool, norm_type: str, norm_eps: float,
+                 use_bias: bool, init_std: float, rngs: nnx.Rngs):
+        self.rope_theta = rope_theta
+        self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
+        self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
+        self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
+        self.wo = normal_param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), init_std)
+        if use_bias:
+            self.bq = const_param((num_heads, head_dim), ("heads", "head_dim"), 0.0)
+            self.bk = const_param((num_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)
+            self.bv = const_param((num_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)
+            self.bo = const_param((d_model,), ("embed",), 0.0)
+        self.use_bias = use_bias
+        if qk_norm:  # normalises each head's query and key vector over head_dim
+            self.q_norm = Norm(head_dim, norm_type, norm_eps, axis_name="head_dim")
+            self.k_norm = Norm(head_dim, norm_type, norm_eps, axis_name="head_dim")
+        self.qk_norm = qk_norm
+
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        dtype = x_BxLxD.dtype
+        q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dtype))
+        k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wk[...].astype(dtype))
+        v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(dtype))
+        if self.use_bias:
+            q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            q = apply_rope(q, ctx.positions_BxL, self.rope_theta)
+            k = apply_rope(k, ctx.positions_BxL, self.rope_theta)
+        new_cache = None
+        if cache is not None:
+            at = (0, ctx.cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+            new_cache = {"k": k, "v": v}
+        out_BxLxHxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), attention_mask(ctx, k.shape[1]))
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dtype))
+        if self.use_bias:
+            out_BxLxD = out_BxLxD + self.bo[...].astype(dtype)
+        return out_BxLxD, new_cache

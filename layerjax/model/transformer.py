@@ -1,0 +1,107 @@
+"""The decoder: embed -> one scanned stack per plan segment -> final norm -> head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layerjax.config import ModelConfig, head_dim, kv_heads
+from layerjax.layers.attention import Context, KVCache
+from layerjax.layers.embed import Embedding, LearnedPositions
+from layerjax.layers.norms import Norm
+from layerjax.layers.params import normal_param
+from layerjax.model.block import Block
+from layerjax.model.plan import Plan, Segment, build_plan
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute it all in the backward pass
+    # keep the outputs of weight matmuls, recompute attention scores and elementwise ops
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerStack(nnx.Module):
+    """The layers of one segment: parameters stacked on a leading `layers` axis, run by one scan."""
+
+    def __init__(self, m: ModelConfig, segment: Segment, rngs: nnx.Rngs):
+        self.num_layers = segment.num_layers
+
+        @nnx.split_rngs(splits=segment.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(m, segment.spec, rngs)
+
+        self.blocks = make_blocks(rngs)
+        for _, variable in nnx.iter_graph(self.blocks):
+            if isinstance(variable, nnx.Param):  # vmap added the leading axis; name it
+                variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
+
+    def __call__(self, x_BxLxD: jax.Array, scalars: dict[str, jax.Array], ctx: Context,
+                 cache: KVCache | None, *, scan: bool, remat: str) -> tuple[jax.Array, KVCache | None]:
+        graphdef, params = nnx.split(self.blocks)
+
+        def layer(x, per_layer):
+            layer_params, layer_scalars, layer_cache = per_layer
+            return nnx.merge(graphdef, layer_params)(x, layer_scalars, ctx, layer_cache)
+
+        if remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+        per_layer = (params, scalars, cache)
+        if scan:
+            return jax.lax.scan(layer, x_BxLxD, per_layer)
+        # Unrolled path for debugging: the same stacked parameters, sliced one layer at a time.
+        x, caches = x_BxLxD, []
+        for i in range(self.num_layers):
+            x, layer_cache = layer(x, jax.tree.map(lambda a: a[i], per_layer))
+            caches.append(layer_cache)
+        return x, (None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, m: ModelConfig, rngs: nnx.Rngs, plan: Plan | None = None):
+        self.config = m
+        self.plan = plan or build_plan(m)
+        self.embed = Embedding(m.vocab_size, m.d_model, m.init_std, rngs)
+        self.positions = LearnedPositions(m.max_seq_len, m.d_model, m.init_std, rngs) if m.positions == "learned" else None
+        self.stacks = nnx.List([LayerStack(m, seg, rngs) for seg in self.plan.segments])
+        self.final_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if m.final_norm else None
+        self.head = None if m.tie_embeddings else normal_param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
+
+    def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, list[KVCache] | None]:
+        """Returns float32 logits [B, L, V] and, when a cache is given, the updated cache."""
+        m = self.config
+        dtype = jnp.dtype(m.dtype)
+        batch, length = tokens_BxL.shape
+        if positions_BxL is None:
+            start = 0 if cache_index is None else cache_index
+            positions_BxL = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+        if not m.document_mask:
+            segment_ids_BxL = None
+        ctx = Context(positions_BxL, segment_ids_BxL, cache_index)
+        x = self.embed(tokens_BxL, dtype)
+        if self.positions is not None:
+            x = x + self.positions(positions_BxL, dtype)
+        new_cache = [] if cache is not None else None
+        for stack, segment in zip(self.stacks, self.plan.segments):
+            scalars = {k: jnp.asarray(v) for k, v in self.plan.segment_scalars(segment).items()}
+            stack_cache = None if cache is None else cache[len(new_cache)]
+            x, stack_cache = stack(x, scalars, ctx, stack_cache, scan=m.scan_layers, remat=m.remat)
+            if cache is not None:
+                new_cache.append(stack_cache)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.head is None:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(dtype))
+        return logits.astype(jnp.float32), new_cache
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+        """An empty KV cache: per segment, {"k", "v"} of shape [layers, B, max_len, KVH, K]."""
+        m = self.config
+        shape = lambda n: (n, batch, max_len, kv_heads(m), head_dim(m))
+        return [{"k": jnp.zeros(shape(s.num_layers), dtype), "v": jnp.zeros(shape(s.num_layers), dtype)}
+                for s in self.plan.segments]

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, the pure step, checkpoints, metrics writers, the loop."""

@@ -1,0 +1,230 @@
+"""The one training loop: the jitted step in the middle, side effects (logs, eval, checkpoints,
+signals) at the edges."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import statistics
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from layerjax.config import Config, to_toml
+from layerjax.data.metrics import exact_match_by_hops, merge_counts
+from layerjax.data.pipeline import build_data
+from layerjax.train.checkpoint import Checkpointer
+from layerjax.train.flops import flops_per_token, measure_peak_flops
+from layerjax.train.metrics import MetricsWriter
+from layerjax.train.state import Setup, build_setup, init_state, resolve_vocab
+from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient and train.on_nonfinite='stop'."""
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so the loop can save a
+    checkpoint before exiting. A second signal falls back to the default behaviour."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def to_global(batch: dict[str, np.ndarray], setup: Setup, keys=LOSS_INPUTS) -> dict[str, jax.Array]:
+    """This process's rows of the batch -> one global array per key, split over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(setup.batch_sharding, batch[k]) for k in keys}
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order it fed them."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
+    return np.concatenate([shards[start] for start in sorted(shards)])
+
+
+def evaluate(setup: Setup, eval_step, params, batches: list[dict]) -> dict[str, float]:
+    """Validation loss and perplexity over the fixed eval batches, plus exact-match accuracy of
+    the task's answers (overall and per hop count) where the data defines answers."""
+    ce_sum = weight = 0.0
+    counts: dict[int, tuple[int, int]] = {}
+    for batch in batches:
+        out = eval_step(params, to_global(batch, setup, (*MODEL_INPUTS, "targets", "weights")))
+        ce_sum += float(out["ce_sum"])
+        weight += float(out["weight"])
+        counts = merge_counts(counts, exact_match_by_hops(local_rows(out["predictions"]), batch))
+    if jax.process_count() > 1:  # every process scored its own rows: add up the counts
+        hops = range(1, setup.cfg.data.depo.max_hops + 1)
+        local = np.array([counts.get(k, (0, 0)) for k in hops], np.int64)
+        total = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
+        counts = {k: (int(c), int(n)) for k, (c, n) in zip(hops, total) if n}
+    loss = ce_sum / max(weight, 1.0)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if counts:
+        correct = sum(c for c, _ in counts.values())
+        total = sum(n for _, n in counts.values())
+        result["accuracy"] = correct / max(total, 1)
+        result.update({f"accuracy_k{k}": c / max(n, 1) for k, (c, n) in sorted(counts.items())})
+    return result
+
+
+def _format_summary(summary: dict) -> str:
+    lines = ["", "=== run summary ==="]
+    for key, value in summary.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"  {key:<22} {shown}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config) -> dict:
+    """Runs (or resumes) training as configured and returns the final summary."""
+    run_dir = pathlib.Path(cfg.train.run_dir)
+    is_main = jax.process_index() == 0
+    data = build_data(cfg, jax.process_index(), jax.process_count())
+    cfg = resolve_vocab(cfg, data.vocab_size)
+    setup = build_setup(cfg)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    train_iter = data.train_iterator()
+    eval_batches = data.eval_batches()
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is not None:
+        state, data_state = checkpointer.restore(resumed_from, setup.abstract_state, setup.state_shardings)
+        train_iter.set_state(data_state)
+    else:
+        state = init_state(setup, cfg.train.seed)
+
+    train_step = jax.jit(make_train_step(cfg, setup.graphdef, setup.tx, setup.schedule),
+                         in_shardings=(setup.state_shardings, setup.batch_sharding),
+                         out_shardings=(setup.state_shardings, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(setup.graphdef),
+                        in_shardings=(setup.state_shardings.params, setup.batch_sharding))
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    model_flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    on_cpu = jax.devices()[0].platform == "cpu"
+    # Simulated CPU devices share one host's cores, so the machine's peak counts once per process.
+    peak = measure_peak_flops() * (jax.process_count() if on_cpu else jax.device_count())
+    writer = MetricsWriter(run_dir, cfg.logging.tensorboard) if is_main else None
+
+    step = int(state.step)
+    if is_main:
+        note = f"resumed from step {resumed_from}" if resumed_from is not None else "new run"
+        print(f"layerjax: {note}; {setup.num_params / 1e6:.2f}M params, {len(setup.plan.segments)} segment(s), "
+              f"{setup.mesh.size} device(s), run dir {run_dir.resolve()}", flush=True)
+    last_saved = resumed_from
+    step_rates: list[float] = []
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    pending = None  # (step, metrics) of the previous step, checked one step behind
+    window_start, window_steps = time.perf_counter(), 0
+    progress = tqdm(total=cfg.train.steps, initial=step, disable=not (is_main and cfg.logging.progress),
+                    unit="step", dynamic_ncols=True)
+
+    def check_finite(step_metrics):
+        at, metrics = step_metrics
+        if bool(metrics["finite"]) or cfg.train.on_nonfinite == "skip":
+            return
+        where = f"the last good checkpoint is step {last_saved} in {checkpointer.directory}" \
+            if last_saved is not None else "no checkpoint was saved yet"
+        raise NonFiniteError(
+            f"step {at}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+            f"({float(metrics['grad_norm'])}); {where}. Lower optim.lr, raise optim.warmup_steps, "
+            "or set train.on_nonfinite=skip to drop such updates")
+
+    def save(at: int):
+        nonlocal last_saved
+        checkpointer.save(at, state, train_iter.get_state())
+        last_saved = at
+
+    with StopRequest() as stop:
+        try:
+            while step < cfg.train.steps:
+                batch = to_global(next(train_iter), setup)
+                state, metrics = train_step(state, batch)
+                step += 1
+                window_steps += 1
+                if pending is not None:
+                    check_finite(pending)
+                pending = (step, metrics)
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    check_finite(pending)
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_sec = window_steps * tokens_per_step / elapsed
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                    values.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / window_steps,
+                                  mfu=model_flops_per_step * window_steps / elapsed / peak)
+                    if step > cfg.train.log_every or resumed_from is not None:
+                        step_rates.append(tokens_per_sec)  # the first window includes compilation
+                    last_train = values
+                    if writer:
+                        writer.write(step, "train", values)
+                    progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                         mfu=f"{values['mfu']:.0%}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                    last_eval = evaluate(setup, eval_step, state.params, eval_batches)
+                    if writer:
+                        writer.write(step, "eval", last_eval)
+                    progress.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+                    window_start = time.perf_counter()  # eval time is not step time
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    check_finite(pending)
+                    save(step)
+                if stop.signal_name:
+                    check_finite(pending)
+                    save(step)
+                    progress.write(f"{stop.signal_name} received: saved a checkpoint at step {step}; "
+                                   "run the same command again to resume")
+                    break
+            else:
+                if last_saved != step:
+                    save(step)
+        finally:
+            progress.close()
+            checkpointer.close()
+            if writer:
+                writer.close()
+
+    summary = {
+        "steps": step,
+        "stopped_by": stop.signal_name or "completed",
+        "train_loss": last_train.get("loss", float("nan")),
+        "val_loss": last_eval.get("loss", float("nan")),
+        "val_perplexity": last_eval.get("perplexity", float("nan")),
+    }
+    summary.update({f"val_{k}": v for k, v in last_eval.items() if k.startswith("accuracy")})
+    rate = statistics.median(step_rates) if step_rates else last_train.get("tokens_per_sec", float("nan"))
+    summary.update(tokens_per_sec=rate, mfu=rate * model_flops_per_step / tokens_per_step / peak,
+                   peak_flops=peak, params=setup.num_params, run_dir=str(run_dir.resolve()),
+                   last_checkpoint=last_saved)
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(_format_summary(summary), flush=True)
+    return summary

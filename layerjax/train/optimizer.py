@@ -1,0 +1,57 @@
+"""Optax AdamW with global-norm clipping, a weight-decay mask, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from layerjax.config import OptimConfig
+
+
+def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then: cosine or linear decay to min_lr_ratio*lr, constant, or
+    warmup-stable-decay (constant until the last decay_fraction of steps, then linear decay)."""
+    warmup = min(o.warmup_steps, total_steps)
+    rest = max(total_steps - warmup, 1)
+    final = o.lr * o.min_lr_ratio
+    if o.schedule == "cosine":
+        after = optax.cosine_decay_schedule(o.lr, rest, alpha=o.min_lr_ratio)
+    elif o.schedule == "linear":
+        after = optax.linear_schedule(o.lr, final, rest)
+    elif o.schedule == "constant":
+        after = optax.constant_schedule(o.lr)
+    else:  # wsd
+        decay = max(int(round(rest * o.decay_fraction)), 1)
+        after = optax.join_schedules(
+            [optax.constant_schedule(o.lr), optax.linear_schedule(o.lr, final, decay)], [rest - decay])
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+
+
+def param_kinds(path: tuple) -> set[str]:
+    """What a parameter is, from its path in the model: "norm", "bias" and/or "embed"."""
+    names = [str(getattr(p, "key", p)) for p in path]
+    leaf = names[-1] if names else ""
+    kinds = set()
+    if any(n.endswith("norm") for n in names):
+        kinds.add("norm")
+    if leaf == "bias" or leaf in ("bq", "bk", "bv", "bo", "bi"):
+        kinds.add("bias")
+    if names and names[0] in ("embed", "positions"):
+        kinds.add("embed")
+    return kinds
+
+
+def decay_mask(params, no_decay: tuple[str, ...]):
+    """True where weight decay applies: every parameter whose kinds avoid `no_decay`."""
+    excluded = set(no_decay)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not (param_kinds(path) & excluded), params)
+
+
+def build_optimizer(o: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = lr_schedule(o, total_steps)
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=lambda params: decay_mask(params, o.no_decay))
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+    return tx, schedule
