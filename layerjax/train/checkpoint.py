@@ -47,3 +47,29 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_run(run_dir: str | pathlib.Path, step: int | None = None, overrides=()):
+    """Loads a run for inference: its resolved config.toml and the params of a checkpoint
+    (the latest unless `step`), on one device. Returns (cfg, setup, params, step)."""
+    import dataclasses
+
+    from layerjax.config import load_config
+    from layerjax.train.state import build_setup
+
+    run_dir = pathlib.Path(run_dir)
+    config_path = run_dir / "config.toml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a layerjax run directory?")
+    cfg = load_config(str(config_path), overrides)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, num_devices=1))
+    setup = build_setup(cfg)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        state, _ = checkpointer.restore(step, setup.abstract_state, setup.state_shardings)
+    finally:
+        checkpointer.close()
+    return cfg, setup, state.params, step

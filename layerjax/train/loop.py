@@ -98,8 +98,12 @@ def _format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: Config) -> dict:
-    """Runs (or resumes) training as configured and returns the final summary."""
+def train(cfg: Config, stop_at_step: int | None = None) -> dict:
+    """Runs (or resumes) training as configured and returns the final summary.
+
+    stop_at_step: behave as if preempted after that step (checkpoint, then return), for
+    preemption drills and resume tests; a later call resumes from there.
+    """
     run_dir = pathlib.Path(cfg.train.run_dir)
     is_main = jax.process_index() == 0
     data = build_data(cfg, jax.process_index(), jax.process_count())
@@ -197,10 +201,12 @@ def train(cfg: Config) -> dict:
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     check_finite(pending)
                     save(step)
+                if stop_at_step is not None and step >= stop_at_step and not stop.signal_name:
+                    stop.signal_name = "stop_at_step"
                 if stop.signal_name:
                     check_finite(pending)
                     save(step)
-                    progress.write(f"{stop.signal_name} received: saved a checkpoint at step {step}; "
+                    progress.write(f"{stop.signal_name}: saved a checkpoint at step {step}; "
                                    "run the same command again to resume")
                     break
             else:

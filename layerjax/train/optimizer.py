@@ -31,7 +31,9 @@ def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
 
 def param_kinds(path: tuple) -> set[str]:
     """What a parameter is, from its path in the model: "norm", "bias" and/or "embed"."""
-    names = [str(getattr(p, "key", p)) for p in path]
+    # Only dict/sequence keys name modules and parameters; the trailing `.value` attribute of
+    # an nnx Variable (a GetAttrKey) does not.
+    names = [str(p.key if hasattr(p, "key") else p.idx) for p in path if hasattr(p, "key") or hasattr(p, "idx")]
     leaf = names[-1] if names else ""
     kinds = set()
     if any(n.endswith("norm") for n in names):

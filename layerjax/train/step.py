@@ -73,13 +73,13 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = stats["ce_sum"] / weight
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # A non-finite step never reaches the state: the loop then stops or goes on (config).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        # A non-finite update never reaches the state; the loop then stops or goes on (config).
+        # The step counter advances either way, so the schedule and the data stay in step.
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = state.replace(step=state.step + finite.astype(jnp.int32),
-                                  params=keep_old(params, state.params),
+        new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
                                   opt_state=keep_old(opt_state, state.opt_state))
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,

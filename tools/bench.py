@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Benchmark the train step of any config: `python tools/bench.py CONFIG [overrides] [--json F]`.
+
+Measures, on random tokens of the config's batch shape (the data pipeline is not timed):
+- compile time: lowering + XLA compilation of the jitted train step;
+- median step time over `--steps` steps after `--warmup` steps, and tokens/s;
+- model FLOPs per token = 6*N + 12*L*H*K*T, where N counts the parameters used in matmuls (all
+  layer weights plus the output head; embedding lookups excluded), L layers, H heads of size K,
+  T the sequence length (attention counted without causal halving, the PaLM convention);
+- MFU = FLOPs per token * tokens/s / peak, where peak is a float32 [2048x2048] matmul probe timed
+  in the same run on the same devices (or `--peak-flops`);
+- XLA's memory analysis of the compiled step (arguments, outputs, temporaries) and the process's
+  peak host memory (max RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from layerjax.cli import add_config_args, config_from_args
+from layerjax.train.flops import flops_per_token, measure_peak_flops
+from layerjax.train.state import build_setup, init_state, resolve_vocab
+from layerjax.train.step import make_train_step
+
+
+def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (cfg.data.batch_size, cfg.data.seq_len)
+    return {"inputs": rng.integers(0, vocab, shape, dtype=np.int32),
+            "targets": rng.integers(0, vocab, shape, dtype=np.int32),
+            "weights": np.ones(shape, np.float32),
+            "segment_ids": np.ones(shape, np.int32),
+            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
+
+
+def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None) -> dict:
+    vocab = cfg.model.vocab_size or cfg.data.synthetic_vocab
+    cfg = resolve_vocab(cfg, vocab)
+    setup = build_setup(cfg)
+    state = init_state(setup, cfg.train.seed)
+    batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in random_batch(cfg, vocab).items()}
+    step_fn = jax.jit(make_train_step(cfg, setup.graphdef, setup.tx, setup.schedule),
+                      in_shardings=(setup.state_shardings, setup.batch_sharding),
+                      out_shardings=(setup.state_shardings, None), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak = peak_flops or measure_peak_flops() * (1 if on_cpu else setup.mesh.size)
+    memory = compiled.memory_analysis()
+    result = {
+        "config": f"{cfg.model.num_layers}L d{cfg.model.d_model} h{cfg.model.num_heads} "
+                  f"ff{cfg.model.d_ff} v{cfg.model.vocab_size} seq{cfg.data.seq_len} b{cfg.data.batch_size} "
+                  f"{cfg.model.dtype} {cfg.model.norm}-{cfg.model.norm_type} {cfg.model.mlp} "
+                  f"scan={cfg.model.scan_layers} remat={cfg.model.remat}",
+        "devices": f"{setup.mesh.size} x {jax.devices()[0].device_kind}",
+        "params": setup.num_params,
+        "compile_s": compile_s,
+        "step_s_median": step_s,
+        "tokens_per_s": tokens / step_s,
+        "flops_per_token": fpt,
+        "achieved_flops": fpt * tokens / step_s,
+        "peak_flops": peak,
+        "mfu": fpt * tokens / step_s / peak,
+        "loss": float(metrics["loss"]),
+        "peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if memory is not None:
+        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+            value = getattr(memory, name, None)
+            if value is not None:
+                result[f"xla_{name.replace('_size_in_bytes', '')}_mib"] = value / 2**20
+    return result
+
+
+def format_table(result: dict) -> str:
+    def show(v):
+        if isinstance(v, float):
+            return f"{v:.3e}" if abs(v) >= 1e6 else f"{v:.3f}"
+        return str(v)
+
+    return "\n".join(f"{k:<24} {show(v)}" for k, v in result.items())
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU instead of the probe")
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    result = bench(config_from_args(args), args.steps, args.warmup, args.peak_flops)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
