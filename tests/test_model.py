@@ -132,7 +132,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))  # [B, H, L, K]
     k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
     score = lambda pq, pk: jnp.sum(apply_rope(q, jnp.array([[pq]]), 1e4) * apply_rope(k, jnp.array([[pk]]), 1e4))
     np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-4)

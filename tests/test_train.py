@@ -129,7 +129,8 @@ def test_decay_mask_excludes_norms_biases_embeddings(tmp_path):
     flat = dict(jax.tree_util.tree_flatten_with_path(decay_mask(setup.abstract_state.params, ("norm", "bias", "embed")))[0])
     by_name = {"/".join(str(k.key) for k in path if hasattr(k, "key")): v for path, v in flat.items()}
     assert by_name["stacks/0/blocks/attn/wq"] is True
-    assert by_name["stacks/0/blocks/mlp/wo"] is True
+    assert by_name["stacks/0/blocks/mlp/w_out"] is True
+    assert by_name["stacks/0/blocks/mlp/b_in"] is False
     assert by_name["stacks/0/blocks/attn_norm/scale"] is False
     assert by_name["stacks/0/blocks/attn/bq"] is False
     assert by_name["final_norm/bias"] is False

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerjax.layers.params import normal_param
+from layerjax.layers.params import dense, normal_param
 
 
 class Embedding(nnx.Module):
@@ -16,7 +16,7 @@ class Embedding(nnx.Module):
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
         """The tied output head: logits against every token's embedding."""
-        return jnp.einsum("bld,vd->blv", x_BxLxD, self.table[...].astype(x_BxLxD.dtype))
+        return dense(x_BxLxD, self.table[...].T)
 
 
 class LearnedPositions(nnx.Module):
@@ -27,12 +27,12 @@ class LearnedPositions(nnx.Module):
         return jnp.take(self.table[...], positions_BxL, axis=0).astype(dtype)
 
 
-def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x_BxHxLxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
     """Rotates channel pairs (i, i + K/2) by position * theta^(-2i/K) (the Llama/NeoX layout)."""
-    half = x_BxLxHxK.shape[-1] // 2
+    half = x_BxHxLxK.shape[-1] // 2
     freqs_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BxLx1xK2 = (positions_BxL.astype(jnp.float32)[..., None] * freqs_K2)[:, :, None, :]
-    sin, cos = jnp.sin(angles_BxLx1xK2), jnp.cos(angles_BxLx1xK2)
-    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    angles_Bx1xLxK2 = (positions_BxL.astype(jnp.float32)[..., None] * freqs_K2)[:, None, :, :]
+    sin, cos = jnp.sin(angles_Bx1xLxK2), jnp.cos(angles_Bx1xLxK2)
+    x1, x2 = jnp.split(x_BxHxLxK.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BxLxHxK.dtype)
+    return rotated.astype(x_BxHxLxK.dtype)

@@ -10,7 +10,7 @@ from layerjax.config import ModelConfig, head_dim, kv_heads
 from layerjax.layers.attention import Context, KVCache
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
-from layerjax.layers.params import normal_param
+from layerjax.layers.params import dense, normal_param
 from layerjax.model.block import Block
 from layerjax.model.plan import Plan, Segment, build_plan
 
@@ -96,12 +96,12 @@ class Transformer(nnx.Module):
         if self.head is None:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(dtype))
+            logits = dense(x, self.head[...])
         return logits.astype(jnp.float32), new_cache
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
-        """An empty KV cache: per segment, {"k", "v"} of shape [layers, B, max_len, KVH, K]."""
+        """An empty KV cache: per segment, {"k", "v"} of shape [layers, B, KVH, max_len, K]."""
         m = self.config
-        shape = lambda n: (n, batch, max_len, kv_heads(m), head_dim(m))
+        shape = lambda n: (n, batch, kv_heads(m), max_len, head_dim(m))
         return [{"k": jnp.zeros(shape(s.num_layers), dtype), "v": jnp.zeros(shape(s.num_layers), dtype)}
                 for s in self.plan.segments]

@@ -38,7 +38,7 @@ def param_kinds(path: tuple) -> set[str]:
     kinds = set()
     if any(n.endswith("norm") for n in names):
         kinds.add("norm")
-    if leaf == "bias" or leaf in ("bq", "bk", "bv", "bo", "bi"):
+    if leaf == "bias" or leaf in ("bq", "bk", "bv", "bo", "b_in", "b_out"):
         kinds.add("bias")
     if names and names[0] in ("embed", "positions"):
         kinds.add("embed")
