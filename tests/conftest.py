@@ -17,3 +17,8 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
     return SHARED_DATA
+
+# A model and data small enough that a training run compiles and takes a step in seconds.
+TINY_RUN = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=64",
+            "data.seq_len=64", "data.batch_size=8", "data.depo.max_nodes=6", "data.num_eval_batches=1",
+            "logging.progress=false", "logging.tensorboard=false", "mesh.num_devices=1"]

@@ -441,3 +441,13 @@ def test_exact_match_by_hops_counts_whole_answer_spans():
     assert counts == {1: (1, 1), 2: (2, 2), 3: (0, 1)}
     assert exact_match_by_hops(predictions, {**batch, "answer_ids": np.zeros_like(answer_ids)}) == {}
     assert merge_counts(counts, {2: (0, 3), 4: (1, 1)}) == {1: (1, 1), 2: (2, 5), 3: (0, 1), 4: (1, 1)}
+
+
+def test_depo_chance_accuracy_matches_simulation():
+    from layerjax.data.depo import DepoTask
+
+    cfg = DepoConfig(min_nodes=3, max_nodes=7, num_cycles=2)
+    rng = np.random.default_rng(0)
+    simulated = np.mean([1.0 / rng.integers(3, 8, size=2).sum() for _ in range(20000)])
+    assert DepoTask(cfg).chance_accuracy == pytest.approx(simulated, rel=0.01)
+    assert DepoTask(DepoConfig(min_nodes=4, max_nodes=4)).chance_accuracy == pytest.approx(0.25)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import TINY_RUN
 from layerjax.config import load_config
 from layerjax.data.pipeline import build_data
 from layerjax.train.loop import NonFiniteError, train
@@ -24,10 +25,7 @@ from layerjax.train.state import build_setup, init_state, resolve_vocab
 from layerjax.train.step import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=64",
-        "data.seq_len=64", "data.batch_size=8", "data.depo.max_nodes=6", "data.num_eval_batches=1",
-        "train.log_every=1", "train.eval_every=0", "logging.progress=false", "logging.tensorboard=false",
-        "mesh.num_devices=1", "optim.warmup_steps=5"]
+TINY = [*TINY_RUN, "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=5"]
 
 
 def tiny_config(tmp_path, *overrides):

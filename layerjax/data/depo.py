@@ -101,6 +101,20 @@ class DepoTask:
         return 2 + nodes * (2 * name + 2) + c.queries * (2 * name + 4)
 
     @property
+    def chance_accuracy(self) -> float:
+        """Exact-match accuracy of answering with a uniformly random node of the sample: E[1/n],
+        n the sample's node count (a sum of num_cycles uniform cycle sizes). A model that has
+        learned the format but not the look-ups sits here."""
+        c = self.cfg
+        size = np.zeros(c.max_nodes + 1)
+        size[c.min_nodes:] = 1.0 / (c.max_nodes - c.min_nodes + 1)
+        nodes = np.array([1.0])
+        for _ in range(c.num_cycles):
+            nodes = np.convolve(nodes, size)
+        n = np.arange(len(nodes))
+        return float(np.sum(nodes[1:] / n[1:]))
+
+    @property
     def max_length(self) -> int:
         """Tokens in the longest possible sample (bos and eos included)."""
         c = self.cfg

@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from layerjax.config import Config, to_toml
+from layerjax.data.depo import DepoTask
 from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
 from layerjax.train.checkpoint import Checkpointer
@@ -226,6 +227,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         "val_perplexity": last_eval.get("perplexity", float("nan")),
     }
     summary.update({f"val_{k}": v for k, v in last_eval.items() if k.startswith("accuracy")})
+    if cfg.data.source == "depo":
+        summary["chance_accuracy"] = DepoTask(cfg.data.depo).chance_accuracy
     rate = statistics.median(step_rates) if step_rates else last_train.get("tokens_per_sec", float("nan"))
     summary.update(tokens_per_sec=rate, mfu=rate * model_flops_per_step / tokens_per_step / peak,
                    peak_flops=peak, params=setup.num_params, run_dir=str(run_dir.resolve()),

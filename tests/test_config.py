@@ -1,0 +1,79 @@
+"""Config: presets and overrides resolve with types, and every bad input fails early with a
+message that names the setting and says what was expected."""
+
+import subprocess
+import sys
+
+import pytest
+
+from layerjax.config import Config, ConfigError, all_keys, load_config, load_preset, to_toml
+
+
+def test_defaults_presets_and_overrides():
+    cfg = load_config("default", ["model.num_layers=12", "optim.lr=3e-4", "model.qk_norm=true",
+                                  "model.layer_norms=0-2:post,5:post", "data.depo.max_hops=8"])
+    assert cfg.model.num_layers == 12 and cfg.optim.lr == 3e-4 and cfg.model.qk_norm is True
+    assert cfg.model.layer_norms == ("0-2:post", "5:post") and cfg.data.depo.max_hops == 8
+    assert load_config("bench_cpu").model.d_model == 384
+
+
+def test_preset_extends_parent(tmp_path):
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "default"\n[model]\nnum_layers = 7\n')
+    cfg = load_config(str(child))
+    assert cfg.model.num_layers == 7 and cfg.model.d_model == load_config("default").model.d_model
+    assert "extends" not in load_preset(str(child))
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config("default", ["model.layer_norms=0-1:post", "train.z_loss=1e-4"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.num_layer=3"], "unknown config key 'model.num_layer'; did you mean 'model.num_layers'?"),
+    (["optim.lrr=1"], "did you mean 'optim.lr'"),
+    (["model.num_layers=three"], "model.num_layers: expected an integer, got 'three'"),
+    (["model.num_layers=2.5"], "expected an integer"),
+    (["model.qk_norm=maybe"], "model.qk_norm: expected true or false"),
+    (["optim.lr=fast"], "optim.lr: expected a number"),
+    (["model.norm=sandwich"], "model.norm='sandwich' is not one of ['pre', 'post']"),
+    (["model.positions=alibi"], "is not one of ['rope', 'learned', 'none']"),
+    (["model.d_model=100", "model.num_heads=3"], "model.num_heads=3 does not divide model.d_model=100"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=4"),
+    (["data.seq_len=512"], "data.seq_len=512 is longer than the model's context model.max_seq_len=128"),
+    (["train.microbatches=3"], "train.microbatches=3 must divide data.batch_size=32"),
+    (["model.layer_norms=0-9:post"], "layers must satisfy 0 <= first <= last < model.num_layers=4"),
+    (["model.layer_norms=zero:post"], "is not 'first-last:placement'"),
+    (["model.layer_norms=0:side"], "placement 'side' is not one of"),
+    (["optim.no_decay=norm,weights"], "optim.no_decay has ['weights']"),
+    (["data.source=text"], "data.source='text' needs data.paths"),
+    (["model"], "is not of the form section.field=value"),
+    (["model=3"], "model: is a section"),
+])
+def test_bad_input_gets_clear_error(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", override)
+    assert message in str(err.value)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"config preset 'nope' not found.*'default'"):
+        load_config("nope")
+
+
+def test_every_key_is_overridable():
+    keys = all_keys()
+    assert "model.num_layers" in keys and "data.depo.max_hops" in keys and len(keys) == len(set(keys))
+    assert Config() == load_config(None)
+
+
+def test_cli_errors_are_one_line_and_early(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "model.d_modle=64", f"train.run_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=pytest.importorskip("pathlib").Path(__file__).parents[1])
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "config error: unknown config key 'model.d_modle'; did you mean 'model.d_model'?")
+    assert not (tmp_path / "config.toml").exists()  # nothing was started
