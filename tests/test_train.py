@@ -47,6 +47,7 @@ def test_resume_gives_identical_losses(tmp_path):
     np.testing.assert_array_equal(losses(tmp_path / "split"), losses(tmp_path / "full"))
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["steps"] == 40 and (tmp_path / "split" / "config.toml").exists()
+    assert (tmp_path / "split" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _step_losses(cfg, steps=3):

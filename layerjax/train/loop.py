@@ -22,6 +22,7 @@ from layerjax.data.pipeline import build_data
 from layerjax.train.checkpoint import Checkpointer
 from layerjax.train.flops import flops_per_token, measure_peak_flops
 from layerjax.train.metrics import MetricsWriter
+from layerjax.train.plots import plot_curves
 from layerjax.train.state import Setup, build_setup, init_state, resolve_vocab
 from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step, make_train_step
 
@@ -235,5 +236,6 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                    last_checkpoint=last_saved)
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["plot"] = str(plot_curves(run_dir, summary.get("chance_accuracy")))
         print(_format_summary(summary), flush=True)
     return summary
