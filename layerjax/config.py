@@ -57,6 +57,14 @@ class ModelConfig:
     layer_norms: tuple[str, ...] = ()
     norm_eps: float = 1e-6
     qk_norm: bool = False
+    # Canon layers (Physics of LMs 4.1): any of "A" (before attention, after its norm), "B" (on
+    # q, k, v before RoPE), "C" (before the MLP, after its norm), "D" (on the MLP's hidden
+    # pre-activation), e.g. "ABCD". Causal depthwise conv of canon_kernel taps.
+    canon: str = ""
+    canon_kernel: int = 4
+    canon_residual: bool = True
+    canon_bias: bool = False
+    canon_activation: bool = False  # SiLU on the convolution
     final_norm: bool = True
     use_bias: bool = False
     tie_embeddings: bool = True
@@ -376,6 +384,10 @@ def validate(cfg: Config) -> None:
     if m.num_heads % kv:
         raise ConfigError(
             f"model.num_kv_heads={kv} must divide model.num_heads={m.num_heads} (grouped-query attention)")
+    if set(m.canon) - set("ABCD") or len(set(m.canon)) != len(m.canon):
+        raise ConfigError(f"model.canon={m.canon!r} must be distinct letters from 'ABCD', e.g. 'ABCD' or 'AC'")
+    if m.canon_kernel < 1:
+        raise ConfigError(f"model.canon_kernel={m.canon_kernel} must be at least 1")
     if head_dim(m) % 2 and m.positions == "rope":
         raise ConfigError(f"model.positions='rope' needs an even head dim, got {head_dim(m)}")
     if cfg.data.seq_len > m.max_seq_len:

@@ -57,10 +57,10 @@ def test_block_placement_equals_equation(placement):
     n2 = lambda h: rms_norm(np.asarray(h), np.asarray(block.mlp_norm.scale[...]))
     if placement == "pre":  # x + F(N(x))
         h = x + attn(jnp.asarray(n1(x)))
-        expected = h + block.mlp(jnp.asarray(n2(h)))
+        expected = h + block.mlp(jnp.asarray(n2(h)))[0]
     else:  # N(x + F(x))
         h = n1(x + attn(x))
-        expected = n2(h + block.mlp(jnp.asarray(h)))
+        expected = n2(h + block.mlp(jnp.asarray(h))[0])
     out, _ = block(x, {"layer_index": jnp.float32(0)}, ctx)
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
 
@@ -73,9 +73,11 @@ def test_plan_segments_and_table():
     assert len(table) == 2 + 6 and "2 (layers 5-5)" in table[-1]
 
 
-def test_scanned_equals_unrolled_logits_and_grads():
-    scanned = Transformer(TINY, nnx.Rngs(0))
-    unrolled = Transformer(dataclasses.replace(TINY, scan_layers=False), nnx.Rngs(0))
+@pytest.mark.parametrize("canon", ["", "ABCD"])
+def test_scanned_equals_unrolled_logits_and_grads(canon):
+    m = dataclasses.replace(TINY, canon=canon)
+    scanned = Transformer(m, nnx.Rngs(0))
+    unrolled = Transformer(dataclasses.replace(m, scan_layers=False), nnx.Rngs(0))
     assert len(scanned.plan.segments) == 2
     graph_s, params = nnx.split(scanned, nnx.Param)
     graph_u, _ = nnx.split(unrolled, nnx.Param)

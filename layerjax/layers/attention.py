@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layerjax.layers.canon import Canon
 from layerjax.layers.embed import apply_rope
 from layerjax.layers.norms import Norm
 from layerjax.layers.params import const_param, dense, normal_param
@@ -66,8 +67,9 @@ def dot_product_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS) -> jax.Ar
 class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rope_theta: float | None, qk_norm: bool, norm_type: str, norm_eps: float,
-                 use_bias: bool, init_std: float, rngs: nnx.Rngs):
+                 use_bias: bool, init_std: float, rngs: nnx.Rngs, canon_b: Canon | None = None):
         self.rope_theta = rope_theta
+        self.canon_b = canon_b  # canon position B: on q, k, v after QK-norm, before RoPE
         self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
         self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
         self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
@@ -89,22 +91,28 @@ class Attention(nnx.Module):
         # One [D, H+2N, K] matmul instead of three: larger matmuls run closer to peak on CPU.
         heads, kv_heads = self.wq.shape[1], self.wk.shape[1]
         w_qkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
-        qkv_BxHxLxK = jnp.swapaxes(dense(x_BxLxD, w_qkv), 1, 2)
-        q, k, v = jnp.split(qkv_BxHxLxK, [heads, heads + kv_heads], axis=1)
+        q, k, v = jnp.split(dense(x_BxLxD, w_qkv), [heads, heads + kv_heads], axis=2)  # [B, L, *, K]
         if self.use_bias:
-            bias = lambda b: b[...].astype(dtype)[None, :, None, :]
-            q, k, v = q + bias(self.bq), k + bias(self.bk), v + bias(self.bv)
+            q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        new_cache = None if cache is None else {}
+        if self.canon_b is not None:
+            batch, length = x_BxLxD.shape[:2]
+            qkv_BxLxC = jnp.concatenate([q, k, v], axis=2).reshape(batch, length, -1)
+            qkv_BxLxC, canon_state = self.canon_b(qkv_BxLxC, ctx.segment_ids_BxL, None if cache is None else cache["canon_B"])
+            q, k, v = jnp.split(qkv_BxLxC.reshape(batch, length, -1, q.shape[-1]), [heads, heads + kv_heads], axis=2)
+            if cache is not None:
+                new_cache["canon_B"] = canon_state
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # -> [B, heads, L, K]
         if self.rope_theta is not None:
             q = apply_rope(q, ctx.positions_BxL, self.rope_theta)
             k = apply_rope(k, ctx.positions_BxL, self.rope_theta)
-        new_cache = None
         if cache is not None:
             at = (0, 0, ctx.cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
-            new_cache = {"k": k, "v": v}
+            new_cache.update(k=k, v=v)
         out_BxHxLxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), attention_mask(ctx, k.shape[2]))
         out_BxLxD = dense(jnp.swapaxes(out_BxHxLxK, 1, 2), self.wo[...], in_dims=2)
         if self.use_bias:

@@ -9,12 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layerjax.layers.canon import Canon
 from layerjax.layers.params import const_param, dense, normal_param
 
 
 class MLP(nnx.Module):
-    def __init__(self, d_model: int, d_ff: int, kind: str, use_bias: bool, init_std: float, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, kind: str, use_bias: bool, init_std: float, rngs: nnx.Rngs,
+                 canon_d: Canon | None = None):
         self.kind = kind
+        self.canon_d = canon_d  # canon position D: on the hidden pre-activation (gate and up for SwiGLU)
         if kind == "swiglu":
             self.w_gate = normal_param(rngs, (d_model, d_ff), ("embed", "mlp"), init_std)
             self.w_up = normal_param(rngs, (d_model, d_ff), ("embed", "mlp"), init_std)
@@ -25,7 +28,9 @@ class MLP(nnx.Module):
         self.b_in = const_param((width * d_ff,), ("mlp",), 0.0) if use_bias else None
         self.b_out = const_param((d_model,), ("embed",), 0.0) if use_bias else None
 
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None = None,
+                 canon_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """Returns the output and, when decoding with canon position D, its new state."""
         dtype = x_BxLxD.dtype
         if self.kind == "swiglu":
             w_in = jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
@@ -34,6 +39,8 @@ class MLP(nnx.Module):
         h_BxLxF = dense(x_BxLxD, w_in)
         if self.b_in is not None:
             h_BxLxF = h_BxLxF + self.b_in[...].astype(dtype)
+        if self.canon_d is not None:
+            h_BxLxF, canon_state = self.canon_d(h_BxLxF, segment_ids_BxL, canon_state)
         if self.kind == "swiglu":
             gate, up = jnp.split(h_BxLxF, 2, axis=-1)
             h_BxLxF = jax.nn.silu(gate) * up
@@ -42,4 +49,4 @@ class MLP(nnx.Module):
         out_BxLxD = dense(h_BxLxF, self.w_out[...])
         if self.b_out is not None:
             out_BxLxD = out_BxLxD + self.b_out[...].astype(dtype)
-        return out_BxLxD
+        return out_BxLxD, canon_state

@@ -21,6 +21,7 @@ class LayerSpec:
     """The structure of one layer. Equal specs mean equal parameter shapes and equal code."""
 
     norm: str  # norm placement: "pre" x + F(N(x)), "post" N(x + F(x))
+    canon: str = ""  # canon-layer positions, a subset of "ABCD" in that order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _layer_norm_overrides(m: ModelConfig) -> dict[int, str]:
 
 def build_plan(m: ModelConfig) -> Plan:
     overrides = _layer_norm_overrides(m)
-    specs = tuple(LayerSpec(norm=overrides.get(layer, m.norm)) for layer in range(m.num_layers))
+    canon = "".join(sorted(m.canon))
+    specs = tuple(LayerSpec(norm=overrides.get(layer, m.norm), canon=canon) for layer in range(m.num_layers))
     segments, first = [], 0
     for layer in range(1, m.num_layers + 1):
         if layer == m.num_layers or specs[layer] != specs[first]:

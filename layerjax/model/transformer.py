@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layerjax.config import ModelConfig, head_dim, kv_heads
+from layerjax.layers.canon import canon_widths
 from layerjax.layers.attention import Context, KVCache
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
@@ -100,8 +101,16 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32), new_cache
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
-        """An empty KV cache: per segment, {"k", "v"} of shape [layers, B, KVH, max_len, K]."""
+        """An empty decoding cache, per segment a dict stacked over its layers: "k" and "v" of
+        shape [layers, B, KVH, max_len, K], and each canon position's last K-1 inputs."""
         m = self.config
-        shape = lambda n: (n, batch, kv_heads(m), max_len, head_dim(m))
-        return [{"k": jnp.zeros(shape(s.num_layers), dtype), "v": jnp.zeros(shape(s.num_layers), dtype)}
-                for s in self.plan.segments]
+        caches = []
+        for segment in self.plan.segments:
+            n = segment.num_layers
+            cache = {"k": jnp.zeros((n, batch, kv_heads(m), max_len, head_dim(m)), dtype)}
+            cache["v"] = jnp.zeros_like(cache["k"])
+            widths = canon_widths(m)
+            for position in segment.spec.canon:
+                cache[f"canon_{position}"] = jnp.zeros((n, batch, m.canon_kernel - 1, widths[position]), dtype)
+            caches.append(cache)
+        return caches
