@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import pathlib
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("depo", "synthetic_random", "text"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "mesh.rules": ("dp", "fsdp"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -164,8 +164,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-
-CHOICES["train.on_nonfinite"] = ("stop", "skip")
 
 
 # ---------------------------------------------------------------- tree <-> dict, overrides
