@@ -27,7 +27,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.positions": ("rope", "learned", "none"),
     "model.mlp": ("swiglu", "gelu"),
     "model.norm_type": ("rms", "layer"),
-    "model.norm": ("pre", "post"),
+    # Norm schemes (README "Normalization schemes"): placements and per-layer scalings.
+    "model.norm": ("pre", "post", "mix", "peri", "reordered", "lns", "deepnorm", "none"),
     "model.remat": ("none", "full", "save_matmuls"),
     "model.dtype": ("float32", "bfloat16"),
     "data.source": ("depo", "synthetic_random", "text"),
@@ -51,10 +52,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     mlp: str = "swiglu"
     norm_type: str = "rms"
-    norm: str = "pre"  # norm placement of every layer, unless layer_norms overrides it
-    # Per-layer placement overrides, "first-last:placement" with 0-based inclusive layer indices,
-    # e.g. ("0-2:post",). Neighbouring layers with equal specs still share one scanned segment.
+    norm: str = "pre"  # norm scheme of every layer, unless layer_norms overrides it
+    mix_alpha: float = 0.25  # norm=mix: the first floor(mix_alpha * num_layers) layers are Post-LN
+    # Per-layer scheme overrides, "first-last:scheme" with 0-based inclusive layer indices,
+    # e.g. ("0-2:post",); any scheme but mix. Neighbouring equal layers share one scanned segment.
     layer_norms: tuple[str, ...] = ()
+    embed_norm: bool = False  # a norm on the embedding output (optional in Peri-LN)
     norm_eps: float = 1e-6
     qk_norm: bool = False
     # Canon layers (Physics of LMs 4.1): any of "A" (before attention, after its norm), "B" (on
@@ -152,6 +155,12 @@ class CheckpointConfig:
 class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
+    # Per-layer gradient norms and residual-stream statistics every N steps, from one extra
+    # forward/backward pass on the step's batch (0: off; cheap for small models).
+    layer_stats_every: int = 0
+    # At each eval: the angular-distance heatmap between all layers' hidden states and each
+    # layer's removal sensitivity (one extra eval pass per layer).
+    layer_eval: bool = False
 
 
 @dataclass(frozen=True)
@@ -407,6 +416,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.depo needs 2 <= min_nodes <= max_nodes, got {d.min_nodes}, {d.max_nodes}")
     if not 1 <= d.min_name_len <= d.max_name_len:
         raise ConfigError("data.depo needs 1 <= min_name_len <= max_name_len")
+    if not 0.0 <= m.mix_alpha <= 1.0:
+        raise ConfigError(f"model.mix_alpha={m.mix_alpha} must be in [0, 1] (the Post-LN fraction of layers)")
+    if cfg.logging.layer_stats_every < 0:
+        raise ConfigError(f"logging.layer_stats_every={cfg.logging.layer_stats_every} must be >= 0 (0 turns it off)")
     if d.max_hops < 1:
         raise ConfigError(f"data.depo.max_hops={d.max_hops} must be at least 1")
     # Imported here: the plan parses layer_norms and raises ConfigError on bad entries.

@@ -67,13 +67,17 @@ def dot_product_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS) -> jax.Ar
 class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rope_theta: float | None, qk_norm: bool, norm_type: str, norm_eps: float,
-                 use_bias: bool, init_std: float, rngs: nnx.Rngs, canon_b: Canon | None = None):
+                 use_bias: bool, init_std: float, rngs: nnx.Rngs, canon_b: Canon | None = None,
+                 value_init_scale: float = 1.0):
+        """value_init_scale multiplies the init std of wv and wo only (DeepNorm's beta)."""
         self.rope_theta = rope_theta
         self.canon_b = canon_b  # canon position B: on q, k, v after QK-norm, before RoPE
         self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
         self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
-        self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
-        self.wo = normal_param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), init_std)
+        self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                               init_std * value_init_scale)
+        self.wo = normal_param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
+                               init_std * value_init_scale)
         if use_bias:
             self.bq = const_param((num_heads, head_dim), ("heads", "head_dim"), 0.0)
             self.bk = const_param((num_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)

@@ -1,6 +1,7 @@
 """The one block builder: a transformer layer whose structure is read from its `LayerSpec`.
 
-Every variant is a branch visible in `__call__`, never a subclass.
+Every norm placement is a branch visible in `__call__`, never a subclass. Per-layer scalars
+(`norm_scale` for LayerNorm scaling, `residual_scale` for DeepNorm) arrive as scanned inputs.
 """
 
 import jax
@@ -19,16 +20,22 @@ class Block(nnx.Module):
         self.spec = spec
         widths = canon_widths(m)
         canon = lambda position, axis: make_canon(m, widths[position], axis, rngs) if position in spec.canon else None
-        self.attn_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias)
+        norm = lambda: Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if spec.norm != "none" else None
+        # "pre", "post" and "peri" use these on the sublayer's input side, "reordered" on its output.
+        self.attn_norm = norm()
         self.canon_a = canon("A", "embed")
         self.attn = Attention(
             m.d_model, m.num_heads, kv_heads(m), head_dim(m),
             rope_theta=m.rope_theta if m.positions == "rope" else None, qk_norm=m.qk_norm,
             norm_type=m.norm_type, norm_eps=m.norm_eps, use_bias=m.use_bias, init_std=m.init_std, rngs=rngs,
-            canon_b=canon("B", None))
-        self.mlp_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias)
+            canon_b=canon("B", None), value_init_scale=spec.init_scale)
+        self.mlp_norm = norm()
         self.canon_c = canon("C", "embed")
-        self.mlp = MLP(m.d_model, d_ff(m), m.mlp, m.use_bias, m.init_std, rngs, canon_d=canon("D", "mlp"))
+        self.mlp = MLP(m.d_model, d_ff(m), m.mlp, m.use_bias, m.init_std * spec.init_scale, rngs,
+                       canon_d=canon("D", "mlp"))
+        # Peri-LN's second norm on each sublayer's output, with its own trainable gain.
+        self.attn_out_norm = norm() if spec.norm == "peri" else None
+        self.mlp_out_norm = norm() if spec.norm == "peri" else None
 
     def __call__(self, x_BxLxD: jax.Array, scalars: dict[str, jax.Array], ctx: Context,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -58,12 +65,24 @@ class Block(nnx.Module):
             return out
 
         x = x_BxLxD
-        if self.spec.norm == "pre":
-            x = x + attention(self.attn_norm(x))
-            x = x + mlp(self.mlp_norm(x))
-        elif self.spec.norm == "post":
-            x = self.attn_norm(x + attention(x))
-            x = self.mlp_norm(x + mlp(x))
+        placement = self.spec.norm
+        if placement == "pre":  # x + F(s * N(x)); s = 1, or 1/sqrt(l) under LayerNorm scaling
+            s = scalars["norm_scale"].astype(x.dtype)
+            x = x + attention(s * self.attn_norm(x))
+            x = x + mlp(s * self.mlp_norm(x))
+        elif placement == "post":  # N(a * x + F(x)); a = 1, or DeepNorm's alpha
+            a = scalars["residual_scale"].astype(x.dtype)
+            x = self.attn_norm(a * x + attention(x))
+            x = self.mlp_norm(a * x + mlp(x))
+        elif placement == "peri":  # x + N_out(F(N_in(x)))
+            x = x + self.attn_out_norm(attention(self.attn_norm(x)))
+            x = x + self.mlp_out_norm(mlp(self.mlp_norm(x)))
+        elif placement == "reordered":  # x + N(F(x)) (OLMo-2)
+            x = x + self.attn_norm(attention(x))
+            x = x + self.mlp_norm(mlp(x))
+        elif placement == "none":  # x + F(x)
+            x = x + attention(x)
+            x = x + mlp(x)
         else:
-            raise ValueError(f"unknown norm placement {self.spec.norm!r}")
+            raise ValueError(f"unknown norm placement {placement!r}")
         return x, new_cache

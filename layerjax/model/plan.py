@@ -10,6 +10,7 @@ scan bodies whatever the depth.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -20,8 +21,36 @@ from layerjax.config import CHOICES, ConfigError, ModelConfig
 class LayerSpec:
     """The structure of one layer. Equal specs mean equal parameter shapes and equal code."""
 
-    norm: str  # norm placement: "pre" x + F(N(x)), "post" N(x + F(x))
+    # Norm placement around each sublayer F (attention, MLP), N a norm:
+    #   "pre" x + F(N(x)); "post" N(x + F(x)); "peri" x + N_out(F(N_in(x)));
+    #   "reordered" x + N(F(x)); "none" x + F(x).
+    norm: str
     canon: str = ""  # canon-layer positions, a subset of "ABCD" in that order
+    # Multiplies the init std of the value, attention-output and MLP weights (DeepNorm's beta).
+    init_scale: float = 1.0
+
+
+# Per-layer scalars every plan carries, with the value a layer gets when its scheme does not set it.
+SCALAR_DEFAULTS = {
+    "norm_scale": 1.0,  # multiplies the Pre-LN norm outputs (LayerNorm scaling: 1/sqrt(l))
+    "residual_scale": 1.0,  # multiplies x in Post-LN's N(a*x + F(x)) (DeepNorm's alpha)
+}
+
+
+def deepnorm_constants(num_layers: int) -> tuple[float, float]:
+    """DeepNet (Wang et al. 2022), decoder-only: alpha = (2N)^(1/4), beta = (8N)^(-1/4)."""
+    return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
+
+
+def scheme_layer(scheme: str, layer: int, num_layers: int, canon: str) -> tuple[LayerSpec, dict[str, float]]:
+    """What a norm scheme (any of CHOICES["model.norm"] but "mix") means for layer `layer`
+    (0-based): its spec and the scalars it sets."""
+    if scheme == "lns":  # Pre-LN scaled by 1/sqrt(l), l the 1-based layer index
+        return LayerSpec("pre", canon), {"norm_scale": (layer + 1) ** -0.5}
+    if scheme == "deepnorm":
+        alpha, beta = deepnorm_constants(num_layers)
+        return LayerSpec("post", canon, init_scale=beta), {"residual_scale": alpha}
+    return LayerSpec(scheme, canon), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +71,7 @@ class Plan:
     # (name, one value per layer) pairs: sliced per segment and fed to the scan as inputs.
     # Tuples, not arrays, so that a plan is hashable and can sit in a module as static data.
     scalar_items: tuple[tuple[str, tuple[float, ...]], ...]
+    schemes: tuple[str, ...] = ()  # the norm scheme each layer came from, for the table
 
     @property
     def num_layers(self) -> int:
@@ -59,49 +89,60 @@ class Plan:
         """One row per layer: its spec, its scalars, and the segment that runs it."""
         fields = [f.name for f in dataclasses.fields(LayerSpec)]
         scalars = self.scalars
-        header = ["layer", *fields, *scalars, "segment"]
+        header = ["layer", "scheme", *fields, *scalars, "segment"]
+        show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
         rows = []
         for seg_index, seg in enumerate(self.segments):
             for layer in seg.layers:
                 spec = self.specs[layer]
-                rows.append([str(layer), *(str(getattr(spec, f)) for f in fields),
-                             *(f"{scalars[k][layer]:g}" for k in scalars),
+                rows.append([str(layer), self.schemes[layer] if self.schemes else "",
+                             *(show(getattr(spec, f)) for f in fields),
+                             *(f"{scalars[k][layer]:.4g}" for k in scalars),
                              f"{seg_index} (layers {seg.first_layer}-{seg.layers[-1]})"])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def _layer_norm_overrides(m: ModelConfig) -> dict[int, str]:
-    """Parses model.layer_norms entries "first-last:placement" (or "layer:placement")."""
-    overrides = {}
-    allowed = CHOICES["model.norm"]
+def layer_schemes(m: ModelConfig) -> list[str]:
+    """The norm scheme of each layer: model.norm (Mix-LN expanded) with model.layer_norms on top."""
+    if m.norm == "mix":
+        num_post = math.floor(m.mix_alpha * m.num_layers)
+        schemes = ["post"] * num_post + ["pre"] * (m.num_layers - num_post)
+    else:
+        schemes = [m.norm] * m.num_layers
+    allowed = [s for s in CHOICES["model.norm"] if s != "mix"]
     for entry in m.layer_norms:
         try:
-            span, placement = entry.split(":")
+            span, scheme = entry.split(":")
             first, _, last = span.partition("-")
             first, last = int(first), int(last or first)
         except ValueError:
             raise ConfigError(
-                f"model.layer_norms entry '{entry}' is not 'first-last:placement', e.g. '0-2:post'") from None
-        if placement not in allowed:
-            raise ConfigError(f"model.layer_norms entry '{entry}': placement '{placement}' is not one of {list(allowed)}")
+                f"model.layer_norms entry '{entry}' is not 'first-last:scheme', e.g. '0-2:post'") from None
+        if scheme not in allowed:
+            raise ConfigError(f"model.layer_norms entry '{entry}': scheme '{scheme}' is not one of {allowed}")
         if not 0 <= first <= last < m.num_layers:
             raise ConfigError(
                 f"model.layer_norms entry '{entry}': layers must satisfy 0 <= first <= last < "
                 f"model.num_layers={m.num_layers}")
-        overrides.update({layer: placement for layer in range(first, last + 1)})
-    return overrides
+        schemes[first:last + 1] = [scheme] * (last + 1 - first)
+    return schemes
 
 
 def build_plan(m: ModelConfig) -> Plan:
-    overrides = _layer_norm_overrides(m)
     canon = "".join(sorted(m.canon))
-    specs = tuple(LayerSpec(norm=overrides.get(layer, m.norm), canon=canon) for layer in range(m.num_layers))
+    specs, scalars = [], {"layer_index": [], **{name: [] for name in SCALAR_DEFAULTS}}
+    schemes = layer_schemes(m)
+    for layer, scheme in enumerate(schemes):
+        spec, values = scheme_layer(scheme, layer, m.num_layers, canon)
+        specs.append(spec)
+        scalars["layer_index"].append(float(layer))
+        for name, default in SCALAR_DEFAULTS.items():
+            scalars[name].append(float(values.get(name, default)))
     segments, first = [], 0
     for layer in range(1, m.num_layers + 1):
         if layer == m.num_layers or specs[layer] != specs[first]:
             segments.append(Segment(specs[first], first, layer - first))
             first = layer
-    scalars = (("layer_index", tuple(float(i) for i in range(m.num_layers))),)
-    return Plan(specs, tuple(segments), scalars)
+    return Plan(tuple(specs), tuple(segments), tuple((k, tuple(v)) for k, v in scalars.items()), tuple(schemes))

@@ -8,6 +8,7 @@ from flax import nnx
 
 from layerjax.config import ModelConfig, head_dim, kv_heads
 from layerjax.layers.canon import canon_widths
+from layerjax.diagnostics.stats import residual_stats
 from layerjax.layers.attention import Context, KVCache
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
@@ -39,24 +40,35 @@ class LayerStack(nnx.Module):
                 variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
 
     def __call__(self, x_BxLxD: jax.Array, scalars: dict[str, jax.Array], ctx: Context,
-                 cache: KVCache | None, *, scan: bool, remat: str) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None, *, scan: bool, remat: str, probe: str | None = None,
+                 skip_layer: jax.Array | None = None):
+        """Returns (x, cache, probes): probes is None, or per layer (stacked on a leading axis) the
+        `residual_stats` dict (probe="stats") or the layer's output (probe="hidden").
+        skip_layer: a global layer index whose layer becomes the identity (layer removal)."""
         graphdef, params = nnx.split(self.blocks)
 
         def layer(x, per_layer):
             layer_params, layer_scalars, layer_cache = per_layer
-            return nnx.merge(graphdef, layer_params)(x, layer_scalars, ctx, layer_cache)
+            y, layer_cache = nnx.merge(graphdef, layer_params)(x, layer_scalars, ctx, layer_cache)
+            if skip_layer is not None:
+                y = jnp.where(layer_scalars["layer_index"] == skip_layer, x, y)
+            if probe == "stats":
+                return y, (layer_cache, residual_stats(x, y))
+            return y, (layer_cache, y if probe == "hidden" else None)
 
         if remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
         per_layer = (params, scalars, cache)
         if scan:
-            return jax.lax.scan(layer, x_BxLxD, per_layer)
+            x, (cache, probes) = jax.lax.scan(layer, x_BxLxD, per_layer)
+            return x, cache, probes
         # Unrolled path for debugging: the same stacked parameters, sliced one layer at a time.
-        x, caches = x_BxLxD, []
+        x, outputs = x_BxLxD, []
         for i in range(self.num_layers):
-            x, layer_cache = layer(x, jax.tree.map(lambda a: a[i], per_layer))
-            caches.append(layer_cache)
-        return x, (None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches))
+            x, out = layer(x, jax.tree.map(lambda a: a[i], per_layer))
+            outputs.append(out)
+        cache, probes = jax.tree.map(lambda *c: jnp.stack(c), *outputs)
+        return x, cache, probes
 
 
 class Transformer(nnx.Module):
@@ -65,6 +77,7 @@ class Transformer(nnx.Module):
         self.plan = plan or build_plan(m)
         self.embed = Embedding(m.vocab_size, m.d_model, m.init_std, rngs)
         self.positions = LearnedPositions(m.max_seq_len, m.d_model, m.init_std, rngs) if m.positions == "learned" else None
+        self.embed_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if m.embed_norm else None
         self.stacks = nnx.List([LayerStack(m, seg, rngs) for seg in self.plan.segments])
         self.final_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if m.final_norm else None
         self.head = None if m.tie_embeddings else normal_param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
@@ -73,6 +86,17 @@ class Transformer(nnx.Module):
                  segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, list[KVCache] | None]:
         """Returns float32 logits [B, L, V] and, when a cache is given, the updated cache."""
+        logits, cache, _ = self.forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index)
+        return logits, cache
+
+    def forward(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
+                cache_index: jax.Array | None = None, *, probe: str | None = None,
+                skip_layer: jax.Array | None = None):
+        """`__call__` plus per-layer probes: returns (logits, cache, probes) where probes is None,
+        for probe="stats" a dict of [num_layers] arrays (see `residual_stats`), or for
+        probe="hidden" the residual stream [num_layers + 1, B, L, D] entering each layer and
+        leaving the last. skip_layer: that layer (a traced index) acts as the identity."""
         m = self.config
         dtype = jnp.dtype(m.dtype)
         batch, length = tokens_BxL.shape
@@ -85,20 +109,26 @@ class Transformer(nnx.Module):
         x = self.embed(tokens_BxL, dtype)
         if self.positions is not None:
             x = x + self.positions(positions_BxL, dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         new_cache = [] if cache is not None else None
+        probes = [x[None]] if probe == "hidden" else []
         for stack, segment in zip(self.stacks, self.plan.segments):
             scalars = {k: jnp.asarray(v) for k, v in self.plan.segment_scalars(segment).items()}
             stack_cache = None if cache is None else cache[len(new_cache)]
-            x, stack_cache = stack(x, scalars, ctx, stack_cache, scan=m.scan_layers, remat=m.remat)
+            x, stack_cache, stack_probes = stack(x, scalars, ctx, stack_cache, scan=m.scan_layers, remat=m.remat,
+                                                 probe=probe, skip_layer=skip_layer)
             if cache is not None:
                 new_cache.append(stack_cache)
+            probes.append(stack_probes)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.head is None:
             logits = self.embed.attend(x)
         else:
             logits = dense(x, self.head[...])
-        return logits.astype(jnp.float32), new_cache
+        probes = jax.tree.map(lambda *p: jnp.concatenate(p), *probes) if probe else None
+        return logits.astype(jnp.float32), new_cache, probes
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
         """An empty decoding cache, per segment a dict stacked over its layers: "k" and "v" of

@@ -1,0 +1,1 @@
+"""Per-layer statistics and evaluations: what the norm-scheme papers measure, layer by layer."""
