@@ -19,9 +19,11 @@ from layerjax.config import Config, to_toml
 from layerjax.data.depo import DepoTask
 from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
+from layerjax.diagnostics.layers import layer_eval, make_layer_eval_steps, make_layer_stats_step
+from layerjax.diagnostics.plots import plot_layers
 from layerjax.train.checkpoint import Checkpointer
 from layerjax.train.flops import flops_per_token, measure_peak_flops
-from layerjax.train.metrics import MetricsWriter
+from layerjax.train.metrics import MetricsWriter, read_metrics
 from layerjax.train.plots import plot_curves
 from layerjax.train.state import Setup, build_setup, init_state, resolve_vocab
 from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step, make_train_step
@@ -130,6 +132,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                          out_shardings=(setup.state_shardings, None), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(setup.graphdef),
                         in_shardings=(setup.state_shardings.params, setup.batch_sharding))
+    layer_stats_step = jax.jit(make_layer_stats_step(setup.graphdef, setup.plan),
+                               in_shardings=(setup.state_shardings.params, setup.batch_sharding))
+    layer_eval_steps = make_layer_eval_steps(setup.graphdef) if cfg.logging.layer_eval else None
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     model_flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -163,6 +168,18 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
             f"({float(metrics['grad_norm'])}); {where}. Lower optim.lr, raise optim.warmup_steps, "
             "or set train.on_nonfinite=skip to drop such updates")
 
+    def run_eval(at: int) -> dict[str, float]:
+        result = evaluate(setup, eval_step, state.params, eval_batches)
+        if writer:
+            writer.write(at, "eval", result)
+        progress.write(f"step {at}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        if layer_eval_steps is not None:
+            global_batches = [to_global(b, setup, (*MODEL_INPUTS, "targets", "weights")) for b in eval_batches]
+            layers = layer_eval(layer_eval_steps, state.params, global_batches, cfg.model.num_layers)
+            if writer:
+                writer.write(at, "eval_layers", layers)
+        return result
+
     def save(at: int):
         nonlocal last_saved
         checkpointer.save(at, state, train_iter.get_state())
@@ -170,6 +187,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
 
     with StopRequest() as stop:
         try:
+            if resumed_from is None and cfg.train.eval_every:
+                last_eval = run_eval(0)  # the loss at initialization, a reference for every curve
+                window_start = time.perf_counter()
             while step < cfg.train.steps:
                 batch = to_global(next(train_iter), setup)
                 state, metrics = train_step(state, batch)
@@ -194,11 +214,14 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                     progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
                                          mfu=f"{values['mfu']:.0%}")
                     window_start, window_steps = time.perf_counter(), 0
-                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                    last_eval = evaluate(setup, eval_step, state.params, eval_batches)
+                every = cfg.logging.layer_stats_every
+                if every and (step % every == 0 or step == cfg.train.steps):
+                    layers = jax.device_get(layer_stats_step(state.params, batch))
                     if writer:
-                        writer.write(step, "eval", last_eval)
-                    progress.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+                        writer.write(step, "layers", {k: np.asarray(v).tolist() for k, v in layers.items()})
+                    window_start = time.perf_counter()  # diagnostics time is not step time
+                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                    last_eval = run_eval(step)
                     window_start = time.perf_counter()  # eval time is not step time
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     check_finite(pending)
@@ -207,7 +230,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                     stop.signal_name = "stop_at_step"
                 if stop.signal_name:
                     check_finite(pending)
-                    save(step)
+                    if last_saved != step:  # the periodic save may have just written this step
+                        save(step)
                     progress.write(f"{stop.signal_name}: saved a checkpoint at step {step}; "
                                    "run the same command again to resume")
                     break
@@ -228,6 +252,10 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         "val_perplexity": last_eval.get("perplexity", float("nan")),
     }
     summary.update({f"val_{k}": v for k, v in last_eval.items() if k.startswith("accuracy")})
+    if is_main and cfg.train.eval_every:
+        first_eval = read_metrics(run_dir, "eval")[:1]
+        if first_eval and first_eval[0]["step"] == 0:
+            summary["initial_val_loss"] = first_eval[0]["loss"]
     if cfg.data.source == "depo":
         summary["chance_accuracy"] = DepoTask(cfg.data.depo).chance_accuracy
     rate = statistics.median(step_rates) if step_rates else last_train.get("tokens_per_sec", float("nan"))
@@ -237,5 +265,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["plot"] = str(plot_curves(run_dir, summary.get("chance_accuracy")))
+        layers_plot = plot_layers(run_dir)
+        if layers_plot is not None:
+            summary["layers_plot"] = str(layers_plot)
         print(_format_summary(summary), flush=True)
     return summary

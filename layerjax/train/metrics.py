@@ -16,12 +16,18 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        """split: "train" or "eval"; TensorBoard tags are split/name."""
+    def write(self, step: int, split: str, values: dict) -> None:
+        """split: "train", "eval", "layers" or "eval_layers". Values are numbers, per-layer lists
+        (TensorBoard tag split/name/layer_NN) or matrices (JSONL only)."""
         self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        if self._tb is not None:
-            for name, value in values.items():
+        if self._tb is None:
+            return
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{split}/{name}", value, step)
+            elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+                for layer, v in enumerate(value):
+                    self._tb.add_scalar(f"{split}/{name}/layer_{layer:02d}", v, step)
 
     def close(self) -> None:
         self._jsonl.close()

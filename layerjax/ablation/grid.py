@@ -1,0 +1,141 @@
+"""A grid of config overrides, expanded into cells; each cell is an ordinary training run in its
+own run dir under `<out>/cells/`, so an interrupted cell resumes from its checkpoint and a
+finished one (summary.json, or a recorded divergence) is skipped when the grid runs again."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import time
+from typing import Sequence
+
+from layerjax.config import Config, ConfigError, load_config, to_toml
+
+SEED_AXIS = "seed"  # shorthand: sets train.seed (init) and data.seed (data order) together
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    key: str  # a dotted config key, or "seed"
+    values: tuple[str, ...]
+
+    @property
+    def short(self) -> str:
+        return self.key.rsplit(".", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    assignment: tuple[tuple[str, str], ...]  # (axis key, value) in axis order
+    name: str  # directory name, e.g. "norm=pre__seed=0"
+    config: Config
+
+    def value(self, key: str) -> str | None:
+        return dict(self.assignment).get(key)
+
+
+def parse_axes(specs: Sequence[str]) -> list[Axis]:
+    """["model.norm=pre,post", "seed=0,1"] -> axes, rejecting malformed or repeated keys."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        values = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not sep or not key.strip() or not values:
+            raise ConfigError(f"--grid '{spec}' is not key=value1,value2,..., e.g. model.norm=pre,post")
+        if any(a.key == key.strip() for a in axes):
+            raise ConfigError(f"--grid gives '{key}' twice; put all its values in one --grid")
+        axes.append(Axis(key.strip(), values))
+    return axes
+
+
+def _overrides(assignment) -> list[str]:
+    out = []
+    for key, value in assignment:
+        out += [f"train.seed={value}", f"data.seed={value}"] if key == SEED_AXIS else [f"{key}={value}"]
+    return out
+
+
+def expand(preset: str, axes: list[Axis], fixed: Sequence[str], out_dir: pathlib.Path) -> list[Cell]:
+    """Every combination of axis values as a validated config (all checked before anything runs)."""
+    shorts = [a.short for a in axes]
+    labels = [a.short if shorts.count(a.short) == 1 else a.key for a in axes]
+    cells = []
+    for values in itertools.product(*(a.values for a in axes)):
+        assignment = tuple(zip((a.key for a in axes), values))
+        name = "__".join(f"{label}={v}" for label, v in zip(labels, values)) or "base"
+        overrides = [*fixed, *_overrides(assignment), f"train.run_dir={out_dir / 'cells' / name}"]
+        try:
+            cfg = load_config(preset, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"grid cell {name}: {e}") from None
+        cells.append(Cell(assignment, name, cfg))
+    return cells
+
+
+def cell_result(cell: Cell) -> dict | None:
+    """The finished cell's summary (with "status"), or None if it has not finished."""
+    run_dir = pathlib.Path(cell.config.train.run_dir)
+    status = run_dir / "cell_status.json"
+    if status.exists():
+        return json.loads(status.read_text())
+    return None
+
+
+def run_cell(cell: Cell) -> dict:
+    """Trains the cell (resuming if it was interrupted) and records how it ended: "finished",
+    or "diverged" when a step went non-finite (train.on_nonfinite=stop)."""
+    from layerjax.train.loop import NonFiniteError, train
+
+    run_dir = pathlib.Path(cell.config.train.run_dir)
+    if not _same_run(cell.config, run_dir / "config.toml"):
+        raise ConfigError(f"{run_dir} holds a run with a different config; give the grid a new --out "
+                          "or delete that cell's directory")
+    try:
+        summary = train(cell.config)
+        if summary["stopped_by"] != "completed":  # interrupted: leave it resumable, record nothing
+            return {**summary, "status": "interrupted"}
+        result = {**summary, "status": "finished"}
+    except NonFiniteError as e:
+        result = {"status": "diverged", "error": str(e), "run_dir": str(run_dir.resolve())}
+    result["cell"] = cell.name
+    (run_dir / "cell_status.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _same_run(cfg: Config, saved: pathlib.Path) -> bool:
+    """Whether a run dir's config.toml is this config (the run resolves model.vocab_size=0)."""
+    if not saved.exists():
+        return True
+    previous = load_config(str(saved))
+    if cfg.model.vocab_size == 0:
+        previous = dataclasses.replace(previous, model=dataclasses.replace(previous.model, vocab_size=0))
+    return to_toml(previous) == to_toml(cfg)
+
+
+def run_grid(cells: list[Cell], log=print) -> list[dict]:
+    """Runs unfinished cells in order, with an overall progress line (done, rate, ETA) per cell."""
+    results, durations = [], []
+    for index, cell in enumerate(cells, 1):
+        done = cell_result(cell)
+        if done is not None:
+            log(f"[{index}/{len(cells)}] {cell.name}: already {done['status']}, skipped")
+            results.append(done)
+            continue
+        remaining = len(cells) - index + 1
+        eta = f", ETA {_minutes(remaining * sum(durations) / len(durations))}" if durations else ""
+        log(f"[{index}/{len(cells)}] {cell.name}: running{eta}")
+        start = time.perf_counter()
+        result = run_cell(cell)
+        durations.append(time.perf_counter() - start)
+        results.append(result)
+        if result["status"] == "interrupted":
+            log(f"[{index}/{len(cells)}] {cell.name}: interrupted; run the same command to resume")
+            break
+        log(f"[{index}/{len(cells)}] {cell.name}: {result['status']} in {_minutes(durations[-1])}")
+    return results
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Run an ablation grid and compare its cells:
+
+    python tools/ablate.py --config ablate_tiny --grid model.norm=pre,post,mix,peri,lns --grid seed=0,1 \\
+        --out runs/ablate_norms [--set section.field=value ...]
+
+Every combination of --grid values is one training run in <out>/cells/<name>/, run in order.
+Running the same command again skips finished cells and resumes an interrupted one from its
+checkpoint. `seed` sets train.seed and data.seed together; a grid over optim.lr adds the
+learning-rate sensitivity of Wortsman et al. (2023). Writes <out>/results.md, results.csv and
+PNG plots (loss curves, per-layer gradient-norm and variance profiles, angular-distance
+heatmaps, layer-removal bars; lr_sensitivity.png for an lr grid). --report redraws them only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from layerjax.ablation.grid import cell_result, expand, parse_axes, run_grid
+from layerjax.ablation.plots import plot_grid
+from layerjax.ablation.report import write_tables
+from layerjax.config import ConfigError
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", "-c", default="ablate_tiny", help="base preset name or .toml path")
+    parser.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="one grid axis (repeatable), e.g. model.norm=pre,post or seed=0,1,2")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override applied to every cell (repeatable)")
+    parser.add_argument("--out", "-o", default="runs/ablate", help="output directory")
+    parser.add_argument("--report", action="store_true", help="only rewrite tables and plots from finished cells")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    try:
+        axes = parse_axes(args.grid)
+        cells = expand(args.config, axes, args.set, out)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"ablate: {len(cells)} cell(s) in {out.resolve()}", flush=True)
+    try:
+        results = [cell_result(c) or {"status": "pending"} for c in cells] if args.report else run_grid(cells)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    done = [(c, r) for c, r in zip(cells, results) if r.get("status") in ("finished", "diverged")]
+    if not done:
+        sys.exit("ablate: no finished cells to report yet")
+    report = write_tables(out, axes, [c for c, _ in done], [r for _, r in done])
+    plots = plot_grid(out, [c for c, _ in done], [r for _, r in done], report)
+    print((out / "results.md").read_text())
+    print("plots: " + ", ".join(str(p) for p in plots))
+    return {"results": results, "report": report, "plots": plots}
+
+
+if __name__ == "__main__":
+    main()
