@@ -17,6 +17,24 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. model.num_layers=12 optim.lr=3e-4")
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-process (jax.distributed)")
+    group.add_argument("--coordinator", help="host:port of process 0, e.g. node0:1234 (with the next two)")
+    group.add_argument("--num-processes", type=int, help="how many processes take part")
+    group.add_argument("--process-id", type=int, help="this process's index, 0..num-processes-1")
+    group.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                       help="auto: initialize when the flags are given or SLURM / MPI / a TPU pod is detected")
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    from layerjax.distributed import initialize
+
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    except ValueError as e:
+        sys.exit(f"distributed: {e}")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     try:
         return load_config(args.config, args.overrides)
@@ -30,7 +48,9 @@ def train_main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, FLOPs, the layer plan and the sharding, then exit")
+    add_distributed_args(parser)
     args = parser.parse_args(argv)
+    start_distributed(args)
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg))

@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "data.source": ("depo", "synthetic_random", "text"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
-    "mesh.rules": ("dp", "fsdp"),
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp", "tp", "custom"),
     "train.on_nonfinite": ("stop", "skip"),
 }
 
@@ -139,9 +139,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshShape:
+    """Devices per mesh axis. 0: unset (1, or all remaining devices for the axis the rules preset
+    splits the batch over); -1: all remaining devices (at most one axis)."""
+
+    data: int = 0
+    fsdp: int = 0
+    expert: int = 0
+    tensor: int = 0
+
+
+@dataclass(frozen=True)
 class MeshConfig:
-    rules: str = "dp"  # logical-axis rules preset, see layerjax/sharding.py
-    num_devices: int = 0  # 0: all local devices
+    # Logical-axis rules preset (layerjax/sharding.py): dp, fsdp, fsdp_tp, tp, or custom.
+    rules: str = "dp"
+    shape: MeshShape = field(default_factory=MeshShape)
+    # rules=custom: "logical=axis[+axis]" entries, e.g. ["batch=data+fsdp", "embed=fsdp", "mlp=tensor"].
+    custom_rules: tuple[str, ...] = ()
+    num_devices: int = 0  # 0: all global devices; fewer: the first N (single process only)
 
 
 @dataclass(frozen=True)
@@ -257,12 +272,25 @@ def _apply(cfg, updates: dict, prefix: str = ""):
             raise _unknown_key(key, all_keys())
         typ = types_[name]
         if dataclasses.is_dataclass(typ):
+            if isinstance(value, str):  # compact form: section=field:value,field:value
+                value = _parse_compact(value, key)
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: is a section; set its fields, e.g. {key}.<field>=...")
             changes[name] = _apply(getattr(cfg, name), value, key + ".")
         else:
             changes[name] = _coerce(value, typ, key)
     return dataclasses.replace(cfg, **changes)
+
+
+def _parse_compact(text: str, key: str) -> dict:
+    """"data:-1,fsdp:4" -> {"data": "-1", "fsdp": "4"} for section=... overrides."""
+    entries = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, sep, value = entry.partition(":")
+        if not sep:
+            raise ConfigError(f"{key}={text!r}: expected field:value entries, e.g. {key}=data:-1,fsdp:4")
+        entries[name.strip()] = value.strip()
+    return entries
 
 
 def parse_overrides(args: typing.Sequence[str]) -> dict:

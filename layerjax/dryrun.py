@@ -16,13 +16,6 @@ def _bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _per_device_bytes(tree, shardings) -> int:
-    """Bytes one device holds of `tree` (a shard's shape, summed over leaves)."""
-    full = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, tree)
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(full)))
-
-
 def dry_run_report(cfg: Config) -> str:
     data = build_data(cfg, jax.process_index(), jax.process_count())
     cfg = resolve_vocab(cfg, data.vocab_size)
@@ -42,8 +35,8 @@ def dry_run_report(cfg: Config) -> str:
         "",
         f"mesh {dict(setup.mesh.shape)} with rules '{cfg.mesh.rules}': {setup.rules}",
         f"batch sharding       {setup.batch_sharding.spec}",
-        f"per device           params {_per_device_bytes(state.params, setup.state_shardings.params) / 2**20:.1f} MiB, "
-        f"optimizer state {_per_device_bytes(state.opt_state, setup.state_shardings.opt_state) / 2**20:.1f} MiB "
+        f"per device           params {sharding.per_device_bytes(state.params, setup.state_shardings.params) / 2**20:.1f} MiB, "
+        f"optimizer state {sharding.per_device_bytes(state.opt_state, setup.state_shardings.opt_state) / 2**20:.1f} MiB "
         f"(total unsharded {(_bytes(state.params) + _bytes(state.opt_state)) / 2**20:.1f} MiB)",
         "",
         sharding.describe(state.params, setup.rules, setup.mesh),

@@ -51,7 +51,8 @@ def test_toml_round_trip(tmp_path):
     (["optim.no_decay=norm,weights"], "optim.no_decay has ['weights']"),
     (["data.source=text"], "data.source='text' needs data.paths"),
     (["model"], "is not of the form section.field=value"),
-    (["model=3"], "model: is a section"),
+    (["model=3"], "model='3': expected field:value entries"),
+    (["mesh.shape=fsdp:4,gpu:2"], "unknown config key 'mesh.shape.gpu'"),
 ])
 def test_bad_input_gets_clear_error(override, message):
     with pytest.raises(ConfigError) as err:
@@ -77,3 +78,8 @@ def test_cli_errors_are_one_line_and_early(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "config error: unknown config key 'model.d_modle'; did you mean 'model.d_model'?")
     assert not (tmp_path / "config.toml").exists()  # nothing was started
+
+
+def test_section_compact_form():
+    cfg = load_config(None, ["mesh.shape=data:-1,tensor:2", "mesh.rules=fsdp_tp"])
+    assert (cfg.mesh.shape.data, cfg.mesh.shape.fsdp, cfg.mesh.shape.tensor) == (-1, 0, 2)

@@ -127,3 +127,19 @@ def test_gradient_norms_vanish_early_under_post_ln_and_deep_under_pre_ln():
     quarter = len(post) // 4
     assert post[:quarter].mean() * 1.1 < post[-quarter:].mean() and np.argmin(post) < quarter
     assert pre[-quarter:].mean() * 1.3 < pre[:quarter].mean() and np.argmin(pre) >= len(pre) - quarter
+
+
+def test_per_layer_values_get_one_tensorboard_tag_per_layer(tmp_path, monkeypatch):
+    from tensorboardX import SummaryWriter
+
+    from layerjax.train.metrics import MetricsWriter, read_metrics
+
+    tags = []
+    monkeypatch.setattr(SummaryWriter, "add_scalar", lambda self, tag, value, step: tags.append((tag, value, step)))
+    writer = MetricsWriter(tmp_path, tensorboard=True)
+    writer.write(7, "layers", {"grad_norm": [0.5, 0.25, 0.125]})
+    writer.write(7, "eval_layers", {"angular_distance_matrix": [[0.0, 0.1], [0.1, 0.0]], "full_loss": 2.0})
+    writer.close()
+    assert tags == [("layers/grad_norm/layer_00", 0.5, 7), ("layers/grad_norm/layer_01", 0.25, 7),
+                    ("layers/grad_norm/layer_02", 0.125, 7), ("eval_layers/full_loss", 2.0, 7)]
+    assert read_metrics(tmp_path, "layers") == [{"step": 7, "split": "layers", "grad_norm": [0.5, 0.25, 0.125]}]

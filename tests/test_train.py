@@ -21,8 +21,7 @@ from layerjax.data.pipeline import build_data
 from layerjax.train.loop import NonFiniteError, train
 from layerjax.train.metrics import read_metrics
 from layerjax.train.optimizer import decay_mask, lr_schedule
-from layerjax.train.state import build_setup, init_state, resolve_vocab
-from layerjax.train.step import make_train_step
+from layerjax.train.state import build_setup, init_state, jit_train_step, resolve_vocab
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [*TINY_RUN, "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=5"]
@@ -55,9 +54,7 @@ def _step_losses(cfg, steps=3):
     cfg = resolve_vocab(cfg, data.vocab_size)
     setup = build_setup(cfg)
     state = init_state(setup, seed=0)
-    step = jax.jit(make_train_step(cfg, setup.graphdef, setup.tx, setup.schedule),
-                   in_shardings=(setup.state_shardings, setup.batch_sharding),
-                   out_shardings=(setup.state_shardings, None))
+    step = jit_train_step(setup)
     it = data.train_iterator()
     out = []
     for _ in range(steps):

@@ -9,7 +9,8 @@ Measures, on random tokens of the config's batch shape (the data pipeline is not
   T the sequence length (attention counted without causal halving, the PaLM convention);
 - MFU = FLOPs per token * tokens/s / peak, where peak is a float32 [2048x2048] matmul probe timed
   in the same run on the same devices (or `--peak-flops`);
-- XLA's memory analysis of the compiled step (arguments, outputs, temporaries) and the process's
+- per-device memory: parameters and optimizer state as the shardings place them, and XLA's memory
+  analysis of the compiled step (arguments, outputs, temporaries = activations), and the process's
   peak host memory (max RSS).
 """
 
@@ -27,8 +28,8 @@ import numpy as np
 
 from layerjax.cli import add_config_args, config_from_args
 from layerjax.train.flops import flops_per_token, measure_peak_flops
-from layerjax.train.state import build_setup, init_state, resolve_vocab
-from layerjax.train.step import make_train_step
+from layerjax.sharding import per_device_bytes
+from layerjax.train.state import build_setup, init_state, jit_train_step, resolve_vocab
 
 
 def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -47,9 +48,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
     setup = build_setup(cfg)
     state = init_state(setup, cfg.train.seed)
     batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in random_batch(cfg, vocab).items()}
-    step_fn = jax.jit(make_train_step(cfg, setup.graphdef, setup.tx, setup.schedule),
-                      in_shardings=(setup.state_shardings, setup.batch_sharding),
-                      out_shardings=(setup.state_shardings, None), donate_argnums=0)
+    step_fn = jit_train_step(setup)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -83,6 +82,12 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
         "loss": float(metrics["loss"]),
         "peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    # Per device: what the shardings place on each device, then what XLA reports for the compiled
+    # step (arguments = state + batch; temp = activations and other temporaries).
+    result["mesh"] = ", ".join(f"{axis}={size}" for axis, size in setup.mesh.shape.items() if size > 1) or "1 device"
+    result["per_device_params_mib"] = per_device_bytes(setup.abstract_state.params, setup.state_shardings.params) / 2**20
+    result["per_device_opt_state_mib"] = per_device_bytes(setup.abstract_state.opt_state,
+                                                          setup.state_shardings.opt_state) / 2**20
     if memory is not None:
         for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
             value = getattr(memory, name, None)

@@ -15,6 +15,11 @@ from layerjax.layers.norms import Norm
 from layerjax.layers.params import dense, normal_param
 from layerjax.model.block import Block
 from layerjax.model.plan import Plan, Segment, build_plan
+from layerjax.sharding import constrain
+
+# The residual stream's logical axes, pinned at every block boundary when a step is traced with
+# activation sharding on (layerjax.sharding.activation_sharding); a no-op otherwise.
+RESIDUAL_AXES = ("batch", "length", "act_embed")
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
@@ -50,6 +55,7 @@ class LayerStack(nnx.Module):
         def layer(x, per_layer):
             layer_params, layer_scalars, layer_cache = per_layer
             y, layer_cache = nnx.merge(graphdef, layer_params)(x, layer_scalars, ctx, layer_cache)
+            y = constrain(y, RESIDUAL_AXES)
             if skip_layer is not None:
                 y = jnp.where(layer_scalars["layer_index"] == skip_layer, x, y)
             if probe == "stats":
@@ -111,6 +117,7 @@ class Transformer(nnx.Module):
             x = x + self.positions(positions_BxL, dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        x = constrain(x, RESIDUAL_AXES)
         new_cache = [] if cache is not None else None
         probes = [x[None]] if probe == "hidden" else []
         for stack, segment in zip(self.stacks, self.plan.segments):

@@ -25,8 +25,8 @@ from layerjax.train.checkpoint import Checkpointer
 from layerjax.train.flops import flops_per_token, measure_peak_flops
 from layerjax.train.metrics import MetricsWriter, read_metrics
 from layerjax.train.plots import plot_curves
-from layerjax.train.state import Setup, build_setup, init_state, resolve_vocab
-from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step, make_train_step
+from layerjax.train.state import Setup, build_setup, init_state, jit_params_step, jit_train_step, resolve_vocab
+from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step
 
 
 class NonFiniteError(RuntimeError):
@@ -123,17 +123,14 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     resumed_from = checkpointer.latest_step()
     if resumed_from is not None:
         state, data_state = checkpointer.restore(resumed_from, setup.abstract_state, setup.state_shardings)
-        train_iter.set_state(data_state)
+        if data_state is not None:
+            train_iter.set_state(data_state)
     else:
         state = init_state(setup, cfg.train.seed)
 
-    train_step = jax.jit(make_train_step(cfg, setup.graphdef, setup.tx, setup.schedule),
-                         in_shardings=(setup.state_shardings, setup.batch_sharding),
-                         out_shardings=(setup.state_shardings, None), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(setup.graphdef),
-                        in_shardings=(setup.state_shardings.params, setup.batch_sharding))
-    layer_stats_step = jax.jit(make_layer_stats_step(setup.graphdef, setup.plan),
-                               in_shardings=(setup.state_shardings.params, setup.batch_sharding))
+    train_step = jit_train_step(setup)
+    eval_step = jit_params_step(setup, make_eval_step(setup.graphdef))
+    layer_stats_step = jit_params_step(setup, make_layer_stats_step(setup.graphdef, setup.plan))
     layer_eval_steps = make_layer_eval_steps(setup.graphdef) if cfg.logging.layer_eval else None
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -156,6 +153,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (is_main and cfg.logging.progress),
                     unit="step", dynamic_ncols=True)
+    say = progress.write if is_main else (lambda message: None)  # only process 0 talks
 
     def check_finite(step_metrics):
         at, metrics = step_metrics
@@ -172,7 +170,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         result = evaluate(setup, eval_step, state.params, eval_batches)
         if writer:
             writer.write(at, "eval", result)
-        progress.write(f"step {at}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        say(f"step {at}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         if layer_eval_steps is not None:
             global_batches = [to_global(b, setup, (*MODEL_INPUTS, "targets", "weights")) for b in eval_batches]
             layers = layer_eval(layer_eval_steps, state.params, global_batches, cfg.model.num_layers)
@@ -232,7 +230,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                     check_finite(pending)
                     if last_saved != step:  # the periodic save may have just written this step
                         save(step)
-                    progress.write(f"{stop.signal_name}: saved a checkpoint at step {step}; "
+                    say(f"{stop.signal_name}: saved a checkpoint at step {step}; "
                                    "run the same command again to resume")
                     break
             else:

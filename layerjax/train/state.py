@@ -16,7 +16,7 @@ from layerjax.config import Config, ConfigError
 from layerjax.model.plan import Plan, build_plan
 from layerjax.model.transformer import Transformer
 from layerjax.train.optimizer import build_optimizer
-from layerjax.train.step import TrainState
+from layerjax.train.step import TrainState, make_eval_step, make_train_step
 
 
 def resolve_vocab(cfg: Config, data_vocab: int) -> Config:
@@ -60,7 +60,7 @@ def build_setup(cfg: Config) -> Setup:
     assert cfg.model.vocab_size > 0, "resolve model.vocab_size before build_setup"
     plan = build_plan(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.RULES[cfg.mesh.rules]
+    rules = sharding.rules_from_config(cfg.mesh)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
     abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0), plan))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
@@ -85,3 +85,18 @@ def init_state(setup: Setup, seed: int) -> TrainState:
                    out_shardings=setup.state_shardings)
     with setup.mesh:
         return make()
+
+
+def jit_train_step(setup: Setup):
+    """The train step, jitted with the state and batch shardings, activation constraints traced
+    in, and the state donated."""
+    step = sharding.with_activation_sharding(
+        make_train_step(setup.cfg, setup.graphdef, setup.tx, setup.schedule), setup.mesh, setup.rules)
+    return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+def jit_params_step(setup: Setup, fn):
+    """A (params, batch) -> outputs function (eval, diagnostics), jitted like the train step."""
+    return jax.jit(sharding.with_activation_sharding(fn, setup.mesh, setup.rules),
+                   in_shardings=(setup.state_shardings.params, setup.batch_sharding))
