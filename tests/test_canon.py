@@ -92,3 +92,30 @@ def test_plan_and_config():
     assert load_config("default", ["model.canon=CA"]).model.canon == "CA"
     with pytest.raises(ConfigError, match="model.canon='AX' must be distinct letters from 'ABCD'"):
         load_config("default", ["model.canon=AX"])
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_frozen_canon_weights_never_change(trainable):
+    from layerjax.train.state import build_setup, init_state, jit_train_step
+    from multiprocess_worker import fixed_batches
+
+    cfg = load_config("default", ["model.vocab_size=64", "model.num_layers=2", "model.d_model=32", "model.canon=ABCD",
+                                  "model.canon_bias=true", f"model.canon_trainable={trainable}", "data.seq_len=16",
+                                  "model.max_seq_len=16", "data.batch_size=4", "mesh.num_devices=1",
+                                  "optim.warmup_steps=0", "optim.weight_decay=0.5"])
+    setup = build_setup(cfg)
+    state = init_state(setup, seed=0)
+    before = jax.tree.map(np.asarray, state.params)
+    step = jit_train_step(setup)
+    for batch in fixed_batches(cfg, 64, steps=3):
+        state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    blocks_before, blocks_after = before["stacks"][0]["blocks"], state.params["stacks"][0]["blocks"]
+    canon = [blocks_before["canon_a"], blocks_before["attn"]["canon_b"], blocks_before["canon_c"],
+             blocks_before["mlp"]["canon_d"]]
+    canon_after = [blocks_after["canon_a"], blocks_after["attn"]["canon_b"], blocks_after["canon_c"],
+                   blocks_after["mlp"]["canon_d"]]
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(canon), jax.tree.leaves(canon_after))]
+    assert all(changed) if trainable else not any(changed)
+    assert not np.array_equal(blocks_before["attn"]["wq"], np.asarray(blocks_after["attn"]["wq"]))

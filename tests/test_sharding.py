@@ -34,6 +34,10 @@ MESHES = {  # name -> overrides; all but "1 device" use the 8 simulated devices
     "data=4 x tensor=2 (tp)": ["mesh.rules=tp", "mesh.shape=data:-1,tensor:2"],
     "fsdp_tp + 2 microbatches + remat": ["mesh.rules=fsdp_tp", "mesh.shape.tensor=2", "train.microbatches=2",
                                          "model.remat=full", "model.canon=ABCD"],
+    "fsdp=4 + 2 microbatches + remat": ["mesh.rules=fsdp", "mesh.num_devices=4", "train.microbatches=2",
+                                        "model.remat=save_matmuls"],
+    "tp + 2 microbatches + remat": ["mesh.rules=tp", "mesh.shape=data:4,tensor:2", "train.microbatches=2",
+                                    "model.remat=full"],
 }
 
 

@@ -17,8 +17,11 @@ from flax import nnx
 
 class Canon(nnx.Module):
     def __init__(self, dim: int, kernel: int, *, residual: bool, use_bias: bool, activation: bool,
-                 axis_name: str | None, rngs: nnx.Rngs):
+                 axis_name: str | None, rngs: nnx.Rngs, trainable: bool = True):
         self.kernel, self.residual, self.activation = kernel, residual, activation
+        # Frozen canon weights (the paper's random-canon ablation) get no gradient here, and the
+        # optimizer leaves them untouched (train.optimizer: frozen parameter kinds).
+        self.trainable = trainable
         # PyTorch's Conv1d default for a depthwise conv: uniform(+-1/sqrt(fan_in)), fan_in = K.
         bound = kernel ** -0.5
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
@@ -33,7 +36,8 @@ class Canon(nnx.Module):
             padded = jnp.concatenate([state_BxSxC.astype(h_BxLxC.dtype), h_BxLxC], axis=1)
         else:
             padded = jnp.pad(h_BxLxC, ((0, 0), (k - 1, 0), (0, 0)))
-        w = self.weight[...].astype(h_BxLxC.dtype)
+        fixed = (lambda a: a) if self.trainable else jax.lax.stop_gradient
+        w = fixed(self.weight[...]).astype(h_BxLxC.dtype)
         if segment_ids_BxL is not None and state_BxSxC is None:
             seg_padded = jnp.pad(segment_ids_BxL, ((0, 0), (k - 1, 0)), constant_values=-1)
         conv = jnp.zeros_like(h_BxLxC)
@@ -44,7 +48,7 @@ class Canon(nnx.Module):
                 tap = jnp.where(same_doc[..., None], tap, 0)
             conv = conv + w[i] * tap
         if self.bias is not None:
-            conv = conv + self.bias[...].astype(conv.dtype)
+            conv = conv + fixed(self.bias[...]).astype(conv.dtype)
         if self.activation:
             conv = jax.nn.silu(conv)
         out = h_BxLxC + conv if self.residual else conv
@@ -63,4 +67,4 @@ def canon_widths(m) -> dict[str, int]:
 def make_canon(m, dim: int, axis_name: str | None, rngs: nnx.Rngs) -> Canon:
     """A canon layer of width `dim` with the model config's canon settings."""
     return Canon(dim, m.canon_kernel, residual=m.canon_residual, use_bias=m.canon_bias,
-                 activation=m.canon_activation, axis_name=axis_name, rngs=rngs)
+                 activation=m.canon_activation, axis_name=axis_name, rngs=rngs, trainable=m.canon_trainable)

@@ -30,7 +30,7 @@ def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def param_kinds(path: tuple) -> set[str]:
-    """What a parameter is, from its path in the model: "norm", "bias" and/or "embed"."""
+    """What a parameter is, from its path in the model: "norm", "bias", "embed" and/or "canon"."""
     # Only dict/sequence keys name modules and parameters; the trailing `.value` attribute of
     # an nnx Variable (a GetAttrKey) does not.
     names = [str(p.key if hasattr(p, "key") else p.idx) for p in path if hasattr(p, "key") or hasattr(p, "idx")]
@@ -42,18 +42,31 @@ def param_kinds(path: tuple) -> set[str]:
         kinds.add("bias")
     if names and names[0] in ("embed", "positions"):
         kinds.add("embed")
+    if any(n.startswith("canon_") for n in names):
+        kinds.add("canon")
     return kinds
+
+
+def kinds_mask(params, kinds: tuple[str, ...]):
+    """True for every parameter that is any of `kinds`."""
+    wanted = set(kinds)
+    return jax.tree_util.tree_map_with_path(lambda path, _: bool(param_kinds(path) & wanted), params)
 
 
 def decay_mask(params, no_decay: tuple[str, ...]):
     """True where weight decay applies: every parameter whose kinds avoid `no_decay`."""
-    excluded = set(no_decay)
-    return jax.tree_util.tree_map_with_path(lambda path, _: not (param_kinds(path) & excluded), params)
+    return jax.tree.map(lambda excluded: not excluded, kinds_mask(params, no_decay))
 
 
-def build_optimizer(o: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(o: OptimConfig, total_steps: int, frozen: tuple[str, ...] = ()
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clipping); parameters of a `frozen` kind (e.g. "canon") never change: no decay,
+    and their updates are set to zero."""
     schedule = lr_schedule(o, total_steps)
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        mask=lambda params: decay_mask(params, o.no_decay))
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
-    return tx, schedule
+                        mask=lambda params: decay_mask(params, (*o.no_decay, *frozen)))
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    parts.append(adamw)
+    if frozen:
+        parts.append(optax.masked(optax.set_to_zero(), lambda params: kinds_mask(params, frozen)))
+    return (optax.chain(*parts) if len(parts) > 1 else adamw), schedule
