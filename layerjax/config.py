@@ -31,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("pre", "post", "mix", "peri", "reordered", "lns", "deepnorm", "none"),
     "model.remat": ("none", "full", "save_matmuls"),
     "model.dtype": ("float32", "bfloat16"),
-    "data.source": ("depo", "synthetic_random", "text"),
+    "data.source": ("depo", "brevo", "mano", "recall", "synthetic_random", "text"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp", "tp", "custom"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -63,11 +63,12 @@ class ModelConfig:
     # Canon layers (Physics of LMs 4.1): any of "A" (before attention, after its norm), "B" (on
     # q, k, v before RoPE), "C" (before the MLP, after its norm), "D" (on the MLP's hidden
     # pre-activation), e.g. "ABCD". Causal depthwise conv of canon_kernel taps.
-    canon: str = ""
+    canon: str = ""  # "" or "none": no canon layers
     canon_kernel: int = 4
     canon_residual: bool = True
     canon_bias: bool = False
     canon_activation: bool = False  # SiLU on the convolution
+    canon_trainable: bool = True  # false: canon weights stay at their random init (frozen)
     final_norm: bool = True
     use_bias: bool = False
     tie_embeddings: bool = True
@@ -94,6 +95,35 @@ class DepoConfig:
 
 
 @dataclass(frozen=True)
+class BrevoConfig:
+    """Brevo (Physics of LMs 4.1): list all ancestors of a query node of a random DAG."""
+
+    min_nodes: int = 5
+    max_nodes: int = 8  # the longest sample (125 tokens) fits data.seq_len=128
+    max_degree: int = 4  # in- and out-degree bound
+    name_vocab: int = 32  # single-token node names, distinct within a sample
+
+
+@dataclass(frozen=True)
+class ManoConfig:
+    """Mano (Physics of LMs 4.1): prefix-notation +, -, x expressions mod `modulus`."""
+
+    min_ops: int = 1  # operators per expression (L), drawn uniformly from min_ops..max_ops
+    max_ops: int = 4
+    modulus: int = 23
+
+
+@dataclass(frozen=True)
+class RecallConfig:
+    """Associative recall: key-value pairs, then queries for some keys' values."""
+
+    pairs: int = 16
+    queries: int = 4
+    num_keys: int = 64  # distinct key tokens (keys in a sample are distinct)
+    num_values: int = 64
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "depo"
     seq_len: int = 128
@@ -106,6 +136,9 @@ class DataConfig:
     synthetic_vocab: int = 4096  # for source=synthetic_random
     num_eval_batches: int = 8
     depo: DepoConfig = field(default_factory=DepoConfig)
+    brevo: BrevoConfig = field(default_factory=BrevoConfig)
+    mano: ManoConfig = field(default_factory=ManoConfig)
+    recall: RecallConfig = field(default_factory=RecallConfig)
 
 
 @dataclass(frozen=True)
@@ -346,6 +379,8 @@ def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ())
     if preset:
         cfg = _apply(cfg, load_preset(preset))
     cfg = _apply(cfg, parse_overrides(overrides))
+    if cfg.model.canon.lower() == "none":  # spelled out, e.g. in ablation grids: model.canon=none,ABCD
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, canon=""))
     validate(cfg)
     return cfg
 

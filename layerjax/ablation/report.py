@@ -41,11 +41,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def reported_metrics(results: list[dict]) -> list[tuple[str, str]]:
+    """(summary key, column label) of the metrics the runs have: losses, exact match, and exact
+    match per answer bucket (Depo hops k, Mano length, ...)."""
+    present = [(k, label) for k, label in METRICS if any(k in r for r in results)]
+    buckets = sorted({int(k.removeprefix("val_accuracy_k")) for r in results for k in r
+                      if k.startswith("val_accuracy_k")})
+    return present + [(f"val_accuracy_k{b}", f"k={b}") for b in buckets]
+
+
 def summary_rows(axes: list[Axis], cells: list[Cell], results: list[dict]) -> list[dict]:
     """One dict per group: its axis values, seeds, diverged count, mean/std of each metric over the
     runs that did not diverge, and mean tokens/s."""
     rows = []
-    present = [(k, label) for k, label in METRICS if any(k in r for r in results)]
+    present = reported_metrics(results)
     for key, group in _groups(cells, results).items():
         row = {axis: value for axis, value in key}
         row["runs"] = len(group)
@@ -86,7 +95,7 @@ def write_tables(out_dir: pathlib.Path, axes: list[Axis], cells: list[Cell], res
     """Writes results.md and results.csv (and lr_sensitivity.csv when the grid has optim.lr)."""
     rows = summary_rows(axes, cells, results)
     group_axes = [a.key for a in axes if a.key != SEED_AXIS]
-    metrics = [(k, label) for k, label in METRICS if f"{k}_mean" in rows[0]]
+    metrics = reported_metrics(results)
     header = [*(k.rsplit(".", 1)[-1] for k in group_axes), "runs", "diverged",
               *(label for _, label in metrics), "tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

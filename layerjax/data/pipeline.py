@@ -28,7 +28,11 @@ import grain
 import numpy as np
 
 from layerjax.config import Config, ConfigError
+from layerjax.data import brevo
 from layerjax.data.depo import DepoTask
+from layerjax.data.metrics import exact_match_by_hops
+from layerjax.data.mano import ManoTask
+from layerjax.data.recall import RecallTask
 from layerjax.data.seeding import STREAMS, keyed_generator
 from layerjax.data.sources import DataError, read_documents, split_train_val
 from layerjax.data.tokenizers import build_tokenizer
@@ -48,6 +52,8 @@ class Data:
     seq_len: int
     local_batch_size: int
     summary: str  # one line for logs and dry runs
+    chance_accuracy: float | None  # tasks with answers: exact match of a random guess
+    score: typing.Callable  # (predictions [B, L], batch) -> {bucket: (correct, total)}
     _decode: typing.Callable[[typing.Sequence[int]], str]
     _train: grain.IterDataset
     _eval: grain.IterDataset | None
@@ -86,16 +92,6 @@ def document_example(tokens: np.ndarray, weights=None, hops=None, answer_ids=Non
     if answer_ids is not None:
         columns[:, 4] = answer_ids[1:]
     return {"columns": columns}
-
-
-class _DepoExamples:
-    """index -> packed-ready Depo document (a class, not a lambda, so it pickles)."""
-
-    def __init__(self, task: DepoTask, seed: int, split: str):
-        self.task, self.seed, self.split = task, seed, split
-
-    def __call__(self, index: int) -> dict:
-        return document_example(**self.task.sample(index, self.seed, self.split))
 
 
 class _RandomExamples:
@@ -150,6 +146,8 @@ class _Source:
     train: grain.MapDataset  # examples, already sharded for this process, endless
     eval: grain.MapDataset | None
     summary: str
+    chance_accuracy: float | None = None  # exact match of guessing, for tasks with answers
+    score: typing.Callable = exact_match_by_hops  # (predictions, batch) -> {bucket: (correct, total)}
 
 
 def _unbounded(process_index: int, process_count: int) -> grain.MapDataset:
@@ -157,26 +155,60 @@ def _unbounded(process_index: int, process_count: int) -> grain.MapDataset:
     return grain.MapDataset.range(_UNBOUNDED)[process_index::process_count]
 
 
-def _depo_source(cfg: Config, process_index: int, process_count: int) -> _Source:
-    task = DepoTask(cfg.data.depo)
+class _TaskExamples:
+    """index -> packed-ready document of a generated task (a class, not a lambda, so it pickles)."""
+
+    def __init__(self, task, seed: int, split: str):
+        self.task, self.seed, self.split = task, seed, split
+
+    def __call__(self, index: int) -> dict:
+        return document_example(**self.task.sample(index, self.seed, self.split))
+
+
+def _task_source(task, cfg: Config, process_index: int, process_count: int, summary: str,
+                 score: typing.Callable = exact_match_by_hops) -> _Source:
+    """A generated task (Depo, Mano, recall): i.i.d. samples by index, so the stream needs no
+    shuffle and never repeats; held-out samples come from a separate seed stream."""
     longest = task.max_length - 1  # tokens per example after the input/target shift
     if longest > cfg.data.seq_len:
         raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is too short for the longest Depo sample: "
-            f"{task.max_length} tokens ({longest} after the input/target shift). Raise data.seq_len "
-            f"to at least {longest} or lower data.depo.max_nodes, num_cycles, queries or max_name_len")
-    d = cfg.data.depo
+            f"data.seq_len={cfg.data.seq_len} is too short for the longest data.source={cfg.data.source!r} "
+            f"sample: {task.max_length} tokens ({longest} after the input/target shift). Raise data.seq_len "
+            f"to at least {longest} or make the samples smaller (data.{cfg.data.source}.*)")
     indices = _unbounded(process_index, process_count)
     return _Source(
         vocab_size=task.vocab_size, pad_id=task.pad_id, bos_id=task.bos_id, eos_id=task.eos_id,
-        decode=task.decode,
-        # Samples are i.i.d. by index, so the stream needs no shuffle and never repeats.
-        train=indices.map(_DepoExamples(task, cfg.data.seed, "train")),
-        eval=indices.map(_DepoExamples(task, cfg.data.seed, "eval")),
-        summary=(f"depo: vocab {task.vocab_size}, cycles x{d.num_cycles} of {d.min_nodes}-{d.max_nodes} "
-                 f"nodes, k in 1..{d.max_hops}, queries x{d.queries}, "
-                 f"samples ~{task.typical_length:.0f} tokens (max {task.max_length})"),
-    )
+        decode=task.decode, chance_accuracy=task.chance_accuracy,
+        train=indices.map(_TaskExamples(task, cfg.data.seed, "train")),
+        eval=indices.map(_TaskExamples(task, cfg.data.seed, "eval")),
+        summary=summary, score=score)
+
+
+def _depo_source(cfg: Config, process_index: int, process_count: int) -> _Source:
+    task, d = DepoTask(cfg.data.depo), cfg.data.depo
+    return _task_source(task, cfg, process_index, process_count,
+                        f"depo: vocab {task.vocab_size}, cycles x{d.num_cycles} of {d.min_nodes}-{d.max_nodes} "
+                        f"nodes, k in 1..{d.max_hops}, queries x{d.queries}, "
+                        f"samples ~{task.typical_length:.0f} tokens (max {task.max_length})")
+
+
+def _brevo_source(cfg: Config, process_index: int, process_count: int) -> _Source:
+    task, c = brevo.BrevoTask(cfg.data.brevo), cfg.data.brevo
+    return _task_source(task, cfg, process_index, process_count,
+                        f"brevo: vocab {task.vocab_size}, DAGs of {c.min_nodes}-{c.max_nodes} nodes, degree <= "
+                        f"{c.max_degree}", score=brevo.score)
+
+
+def _mano_source(cfg: Config, process_index: int, process_count: int) -> _Source:
+    task, c = ManoTask(cfg.data.mano), cfg.data.mano
+    return _task_source(task, cfg, process_index, process_count,
+                        f"mano: vocab {task.vocab_size}, {c.min_ops}-{c.max_ops} operations mod {c.modulus}")
+
+
+def _recall_source(cfg: Config, process_index: int, process_count: int) -> _Source:
+    task, c = RecallTask(cfg.data.recall), cfg.data.recall
+    return _task_source(task, cfg, process_index, process_count,
+                        f"recall: vocab {task.vocab_size}, {c.pairs} pairs, {c.queries} queries")
 
 
 def _random_source(cfg: Config, process_index: int, process_count: int) -> _Source:
@@ -224,7 +256,8 @@ def _text_source(cfg: Config, process_index: int, process_count: int) -> _Source
     )
 
 
-_SOURCES = {"depo": _depo_source, "synthetic_random": _random_source, "text": _text_source}
+_SOURCES = {"depo": _depo_source, "brevo": _brevo_source, "mano": _mano_source, "recall": _recall_source,
+            "synthetic_random": _random_source, "text": _text_source}
 
 
 # ---------------------------------------------------------------- packing and batching
@@ -290,5 +323,5 @@ def build_data(cfg: Config, process_index: int = 0, process_count: int = 1) -> D
     return Data(
         vocab_size=source.vocab_size, pad_id=source.pad_id, bos_id=source.bos_id,
         eos_id=source.eos_id, seq_len=d.seq_len, local_batch_size=local_batch,
-        summary=source.summary, _decode=source.decode, _train=train, _eval=evaluation,
-        _num_eval_batches=d.num_eval_batches)
+        summary=source.summary, chance_accuracy=source.chance_accuracy, score=source.score,
+        _decode=source.decode, _train=train, _eval=evaluation, _num_eval_batches=d.num_eval_batches)

@@ -16,7 +16,6 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from layerjax.config import Config, to_toml
-from layerjax.data.depo import DepoTask
 from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
 from layerjax.diagnostics.layers import layer_eval, make_layer_eval_steps, make_layer_stats_step
@@ -27,6 +26,9 @@ from layerjax.train.metrics import MetricsWriter, read_metrics
 from layerjax.train.plots import plot_curves
 from layerjax.train.state import Setup, build_setup, init_state, jit_params_step, jit_train_step, resolve_vocab
 from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step
+
+
+MAX_BUCKET = 64  # answer buckets (Depo hops, Mano length, ...) gathered across processes
 
 
 class NonFiniteError(RuntimeError):
@@ -69,7 +71,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([shards[start] for start in sorted(shards)])
 
 
-def evaluate(setup: Setup, eval_step, params, batches: list[dict]) -> dict[str, float]:
+def evaluate(setup: Setup, eval_step, params, batches: list[dict], score=exact_match_by_hops) -> dict[str, float]:
     """Validation loss and perplexity over the fixed eval batches, plus exact-match accuracy of
     the task's answers (overall and per hop count) where the data defines answers."""
     ce_sum = weight = 0.0
@@ -78,9 +80,9 @@ def evaluate(setup: Setup, eval_step, params, batches: list[dict]) -> dict[str, 
         out = eval_step(params, to_global(batch, setup, (*MODEL_INPUTS, "targets", "weights")))
         ce_sum += float(out["ce_sum"])
         weight += float(out["weight"])
-        counts = merge_counts(counts, exact_match_by_hops(local_rows(out["predictions"]), batch))
+        counts = merge_counts(counts, score(local_rows(out["predictions"]), batch))
     if jax.process_count() > 1:  # every process scored its own rows: add up the counts
-        hops = range(1, setup.cfg.data.depo.max_hops + 1)
+        hops = range(1, MAX_BUCKET + 1)
         local = np.array([counts.get(k, (0, 0)) for k in hops], np.int64)
         total = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
         counts = {k: (int(c), int(n)) for k, (c, n) in zip(hops, total) if n}
@@ -167,7 +169,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
             "or set train.on_nonfinite=skip to drop such updates")
 
     def run_eval(at: int) -> dict[str, float]:
-        result = evaluate(setup, eval_step, state.params, eval_batches)
+        result = evaluate(setup, eval_step, state.params, eval_batches, data.score)
         if writer:
             writer.write(at, "eval", result)
         say(f"step {at}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
@@ -254,8 +256,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         first_eval = read_metrics(run_dir, "eval")[:1]
         if first_eval and first_eval[0]["step"] == 0:
             summary["initial_val_loss"] = first_eval[0]["loss"]
-    if cfg.data.source == "depo":
-        summary["chance_accuracy"] = DepoTask(cfg.data.depo).chance_accuracy
+    if data.chance_accuracy is not None:
+        summary["chance_accuracy"] = data.chance_accuracy
     rate = statistics.median(step_rates) if step_rates else last_train.get("tokens_per_sec", float("nan"))
     summary.update(tokens_per_sec=rate, mfu=rate * model_flops_per_step / tokens_per_step / peak,
                    peak_flops=peak, params=setup.num_params, run_dir=str(run_dir.resolve()),
