@@ -144,7 +144,7 @@ def test_depo_token_layout_and_decode():
 
 def test_depo_sample_longer_than_seq_len_is_a_clear_error():
     cfg = make_cfg(DepoConfig(min_nodes=30, max_nodes=40), seq_len=64)
-    with pytest.raises(ConfigError, match=r"data\.seq_len=64.*longest Depo sample"):
+    with pytest.raises(ConfigError, match=r"data\.seq_len=64.*longest data.source='depo' sample"):
         build_data(cfg)
 
 
