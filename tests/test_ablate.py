@@ -42,8 +42,8 @@ def test_two_scheme_grid_end_to_end_then_skips_finished_cells(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "resumed from step 3" in log and log.count("new run") == 1
     assert [r["status"] for r in out["results"]] == ["finished", "finished"]
-    for name in ("results.md", "results.csv", "loss_curves.png", "layer_profiles.png", "angular_distance.png",
-                 "layer_removal.png"):
+    for name in ("results.md", "results.csv", "loss_curves.png", "accuracy.png", "layer_profiles.png",
+                 "angular_distance.png", "layer_removal.png"):
         assert (tmp_path / name).stat().st_size > 1000 or name.endswith((".md", ".csv")), name
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["model.norm"] for r in rows] == ["pre", "post"]

@@ -62,6 +62,33 @@ def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell], results: list[dic
     return _save(fig, out_dir / "loss_curves.png")
 
 
+def plot_accuracy(out_dir: pathlib.Path, cells: list[Cell], results: list[dict]) -> pathlib.Path | None:
+    """Validation exact match over steps per group (mean over healthy runs), with chance; None
+    when the task has no answers."""
+    status = {c.name: diverged(r) for c, r in zip(cells, results)}
+    chance = next((r["chance_accuracy"] for r in results if r.get("chance_accuracy") is not None), None)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for key, group in _by_group(cells).items():
+        runs = [read_metrics(c.config.train.run_dir, "eval") for c in group if not status[c.name]]
+        runs = [r for r in runs if r and any("accuracy" in row for row in r)]
+        if runs:
+            steps, mean, spread = _mean_curve(runs, "accuracy")
+            line, = ax.plot(steps, mean, "o-", markersize=3, label=label(key))
+            if len(runs) > 1:
+                ax.fill_between(steps, spread[0], spread[1], color=line.get_color(), alpha=0.15)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", label="chance")
+    ax.set(xlabel="step", ylabel="exact match", ylim=(0, 1),
+           title="validation exact match (mean, band = min..max over seeds)")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir / "accuracy.png")
+
+
 def _mean_records(group: list[Cell]) -> tuple[dict | None, dict | None]:
     """Per-layer records averaged over a group's runs (element-wise, runs that logged them)."""
     records = [last_layer_records(c.config.train.run_dir) for c in group]
@@ -118,8 +145,9 @@ def plot_lr_sweep(out_dir: pathlib.Path, sensitivity: list[dict]) -> pathlib.Pat
 def plot_grid(out_dir: pathlib.Path, cells: list[Cell], results: list[dict], report: dict) -> list[pathlib.Path]:
     done = [(c, r) for c, r in zip(cells, results) if r.get("status") in ("finished", "diverged")]
     cells, results = [c for c, _ in done], [r for _, r in done]
-    paths = [plot_loss_curves(out_dir, cells, results),
+    paths = [plot_loss_curves(out_dir, cells, results), plot_accuracy(out_dir, cells, results),
              *plot_layer_diagnostics(out_dir, [c for c, r in done if not diverged(r)])]
+    paths = [p for p in paths if p is not None]
     if report.get("lr_sensitivity"):
         paths.append(plot_lr_sweep(out_dir, report["lr_sensitivity"]))
     return paths
