@@ -25,12 +25,18 @@ class ConfigError(ValueError):
 # Allowed values of enumerated settings, in one place so errors and docs list the same set.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.positions": ("rope", "learned", "none"),
-    "model.mlp": ("swiglu", "gelu"),
+    "model.mlp": ("swiglu", "geglu", "gelu"),
     "model.norm_type": ("rms", "layer"),
     # Norm schemes (README "Normalization schemes"): placements and per-layer scalings.
     "model.norm": ("pre", "post", "mix", "peri", "reordered", "lns", "deepnorm", "none"),
     "model.remat": ("none", "full", "save_matmuls"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
+    "model.qk_norm_scope": ("head", "full"),
+    # Tuple settings: every entry must be one of these.
+    "model.window_pattern": ("local", "global"),
+    "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
     "data.source": ("depo", "brevo", "mano", "recall", "synthetic_random", "text"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp", "tp", "custom"),
@@ -46,20 +52,42 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention
     head_dim: int = 0  # 0: d_model // num_heads
-    d_ff: int = 0  # 0: 4*d_model for gelu, 8/3*d_model rounded up to a multiple of 64 for swiglu
+    d_ff: int = 0  # 0: 4*d_model for gelu, 8/3*d_model rounded up to a multiple of 64 for swiglu/geglu
     max_seq_len: int = 256
     positions: str = "rope"
     rope_theta: float = 10000.0
-    mlp: str = "swiglu"
+    # RoPE frequency scaling as Hugging Face computes it: "linear" divides every frequency by
+    # rope_factor; "llama3" divides only the low ones, blending between the two wavelength bounds
+    # rope_original_max_len / rope_low_freq_factor and rope_original_max_len / rope_high_freq_factor.
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # linear and llama3: the context extension factor
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the context length the model was trained at
+    rope_fraction: float = 1.0  # partial RoPE (GPT-NeoX): rotate the first int(head_dim * this) dims
+    mlp: str = "swiglu"  # swiglu and geglu are gated (silu / tanh-GELU on the gate); gelu is not
     norm_type: str = "rms"
     norm: str = "pre"  # norm scheme of every layer, unless layer_norms overrides it
     mix_alpha: float = 0.25  # norm=mix: the first floor(mix_alpha * num_layers) layers are Post-LN
+    deepnorm_alpha: float = 0.0  # norm=deepnorm: the residual multiplier; 0: (2 * num_layers)^(1/4)
     # Per-layer scheme overrides, "first-last:scheme" with 0-based inclusive layer indices,
     # e.g. ("0-2:post",); any scheme but mix. Neighbouring equal layers share one scanned segment.
     layer_norms: tuple[str, ...] = ()
     embed_norm: bool = False  # a norm on the embedding output (optional in Peri-LN)
     norm_eps: float = 1e-6
+    norm_offset: bool = False  # every norm computes x_hat * (1 + w), w initialised to 0 (Gemma)
     qk_norm: bool = False
+    # "head": each head's q and k normalised over head_dim (Qwen3); "full": all of a token's q
+    # (heads * head_dim values) and all of its k with one norm each (OLMo-2).
+    qk_norm_scope: str = "head"
+    attn_scale: float = 0.0  # multiplier of q.k; 0: head_dim^-0.5 (Gemma-2: query_pre_attn_scalar^-0.5)
+    attn_softcap: float = 0.0  # 0: off; else attention logits become cap * tanh(logits / cap)
+    final_softcap: float = 0.0  # 0: off; else output logits become cap * tanh(logits / cap)
+    # Keys a query sees in a sliding-window layer: itself and the W-1 before it (0: no window).
+    sliding_window: int = 0
+    # Which layers slide, as a cycle of "local" / "global" (layer l takes entry l % len), e.g.
+    # ("local", "global") for Gemma-2; empty: every layer is local when sliding_window > 0.
+    window_pattern: tuple[str, ...] = ()
     # Canon layers (Physics of LMs 4.1): any of "A" (before attention, after its norm), "B" (on
     # q, k, v before RoPE), "C" (before the MLP, after its norm), "D" (on the MLP's hidden
     # pre-activation), e.g. "ABCD". Causal depthwise conv of canon_kernel taps.
@@ -70,14 +98,19 @@ class ModelConfig:
     canon_activation: bool = False  # SiLU on the convolution
     canon_trainable: bool = True  # false: canon weights stay at their random init (frozen)
     final_norm: bool = True
-    use_bias: bool = False
+    use_bias: bool = False  # a bias on every projection and every norm (GPT-2)
+    # Projections with a bias when use_bias is false: any of "q", "k", "v", "o" (attention), "up"
+    # (the MLP's input side: gate and up, or w_in) and "down" (its output), e.g. Qwen2's q, k, v.
+    bias_projections: tuple[str, ...] = ()
+    embed_scale: bool = False  # multiply the token embeddings by sqrt(d_model) (Gemma; not the tied head)
     tie_embeddings: bool = True
     init_std: float = 0.02
     # Packed rows hold several documents; with this on, attention never crosses a document.
     document_mask: bool = True
     scan_layers: bool = True  # False: unrolled python loop over layers (for debugging)
     remat: str = "none"
-    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
+    param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in
 
 
 @dataclass(frozen=True)
@@ -169,6 +202,9 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 200
     run_dir: str = "runs/default"
+    # A run directory (e.g. one written by tools/import_hf.py) whose latest checkpoint's parameters
+    # start this run when train.run_dir has no checkpoint yet; the optimizer state starts fresh.
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -373,6 +409,14 @@ def load_preset(name: str, _seen: tuple = ()) -> dict:
     return raw
 
 
+def config_from_dict(values: dict) -> Config:
+    """Builds and validates a config from a nested dict of section -> field -> value (as TOML has
+    it), e.g. the config a Hugging Face import derives."""
+    cfg = _apply(Config(), values)
+    validate(cfg)
+    return cfg
+
+
 def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Builds the config: defaults <- preset chain <- overrides, then validates it."""
     cfg = Config()
@@ -433,7 +477,11 @@ def validate(cfg: Config) -> None:
     """Raises ConfigError for the first problem found, before anything expensive happens."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
-        if value not in allowed:
+        if isinstance(value, tuple):
+            bad = [v for v in value if v not in allowed]
+            if bad:
+                raise ConfigError(f"{key} has {bad}; every entry must be one of {list(allowed)}")
+        elif value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
     m = cfg.model
     positive = {
@@ -458,8 +506,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.canon={m.canon!r} must be distinct letters from 'ABCD', e.g. 'ABCD' or 'AC'")
     if m.canon_kernel < 1:
         raise ConfigError(f"model.canon_kernel={m.canon_kernel} must be at least 1")
-    if head_dim(m) % 2 and m.positions == "rope":
+    if head_dim(m) % 2 and m.positions == "rope" and m.rope_fraction == 1.0:
         raise ConfigError(f"model.positions='rope' needs an even head dim, got {head_dim(m)}")
+    if not 0.0 < m.rope_fraction <= 1.0:
+        raise ConfigError(f"model.rope_fraction={m.rope_fraction} must be in (0, 1] (the rotated share of each head)")
+    if m.positions == "rope" and (rope_dims(m) % 2 or rope_dims(m) == 0):
+        raise ConfigError(
+            f"model.rope_fraction={m.rope_fraction} rotates int({head_dim(m)} * {m.rope_fraction}) = {rope_dims(m)} "
+            "dims of each head; that must be a positive even number: choose another rope_fraction")
+    if m.rope_scaling != "none" and m.rope_factor <= 0:
+        raise ConfigError(
+            f"model.rope_factor={m.rope_factor} must be positive with model.rope_scaling={m.rope_scaling!r}")
+    if m.rope_scaling == "llama3" and not (0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                           and m.rope_original_max_len > 0):
+        raise ConfigError(
+            f"model.rope_scaling='llama3' needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor}) < "
+            f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) and a positive "
+            f"model.rope_original_max_len ({m.rope_original_max_len}); Llama 3.1 uses 1, 4 and 8192")
+    nonnegative = {"model.attn_scale": m.attn_scale, "model.attn_softcap": m.attn_softcap,
+                   "model.final_softcap": m.final_softcap, "model.sliding_window": m.sliding_window,
+                   "model.deepnorm_alpha": m.deepnorm_alpha}
+    for key, value in nonnegative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0 (0 keeps the default: off, or the standard value)")
+    if m.window_pattern and not m.sliding_window:
+        raise ConfigError(
+            f"model.window_pattern={list(m.window_pattern)} has no effect without a window: "
+            "set model.sliding_window to the window length, or clear model.window_pattern")
+    if len(set(m.bias_projections)) != len(m.bias_projections):
+        raise ConfigError(f"model.bias_projections={list(m.bias_projections)} names a projection twice")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
@@ -472,8 +547,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.no_decay has {sorted(bad)}; allowed: ['norm', 'bias', 'embed']")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
-    if cfg.data.source == "text" and not cfg.data.paths:
-        raise ConfigError("data.source='text' needs data.paths, e.g. data.paths=corpus.txt")
     d = cfg.data.depo
     if not 2 <= d.min_nodes <= d.max_nodes:
         raise ConfigError(f"data.depo needs 2 <= min_nodes <= max_nodes, got {d.min_nodes}, {d.max_nodes}")
@@ -497,6 +570,16 @@ def head_dim(m: ModelConfig) -> int:
 
 def kv_heads(m: ModelConfig) -> int:
     return m.num_kv_heads or m.num_heads
+
+
+def rope_dims(m: ModelConfig) -> int:
+    """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+    return int(head_dim(m) * m.rope_fraction)
+
+
+def biased_projections(m: ModelConfig) -> frozenset[str]:
+    """The projections that have a bias: all of them under use_bias, else bias_projections."""
+    return frozenset(CHOICES["model.bias_projections"]) if m.use_bias else frozenset(m.bias_projections)
 
 
 def d_ff(m: ModelConfig) -> int:

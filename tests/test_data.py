@@ -295,6 +295,14 @@ def test_model_vocab_smaller_than_data_vocab_is_rejected():
 # ---------------------------------------------------------------- text sources
 
 
+def test_text_source_without_paths_is_rejected_when_data_is_built():
+    # The config alone is valid (an imported model's config.toml names no corpus yet, and sampling
+    # needs none); building the data is where a missing corpus must be named.
+    cfg = make_cfg(source="text")
+    with pytest.raises(ConfigError, match="data.source='text' needs data.paths"):
+        build_data(cfg)
+
+
 @pytest.mark.parametrize("name, content, error, message", [
     ("missing.txt", None, ConfigError, r"data\.paths: .*missing\.txt does not exist"),
     ("empty.txt", b"", DataError, r"empty\.txt: file is empty"),

@@ -12,7 +12,7 @@ from flax import nnx
 
 from layerjax.config import ModelConfig
 from layerjax.layers.attention import Attention, Context
-from layerjax.layers.embed import apply_rope
+from layerjax.layers.embed import apply_rope, rope_frequencies
 from layerjax.layers.norms import Norm
 from layerjax.model.plan import build_plan
 from layerjax.model.transformer import Transformer
@@ -99,7 +99,7 @@ def test_document_mask_isolates_packed_documents():
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
-    kw = dict(rope_theta=10000.0, qk_norm=False, norm_type="rms", norm_eps=1e-6, use_bias=False, init_std=0.1)
+    kw = dict(rope_freqs=rope_frequencies(8, 1e4), qk_norm=False, norm_type="rms", norm_eps=1e-6, init_std=0.1)
     gqa = Attention(32, 4, 2, 8, rngs=nnx.Rngs(0), **kw)
     mha = Attention(32, 4, 4, 8, rngs=nnx.Rngs(1), **kw)
     mha.wq[...] = gqa.wq[...]
@@ -114,7 +114,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 def test_rope_scores_depend_only_on_relative_position():
     q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))  # [B, H, L, K]
     k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
-    score = lambda pq, pk: jnp.sum(apply_rope(q, jnp.array([[pq]]), 1e4) * apply_rope(k, jnp.array([[pk]]), 1e4))
+    freqs = rope_frequencies(16, 1e4)
+    score = lambda pq, pk: jnp.sum(apply_rope(q, jnp.array([[pq]]), freqs) * apply_rope(k, jnp.array([[pk]]), freqs))
     np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-4)
     assert not np.isclose(score(5, 2), score(5, 3))
 

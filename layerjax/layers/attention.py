@@ -1,4 +1,5 @@
-"""Causal multi-head / grouped-query attention with RoPE, optional QK-norm and a KV cache.
+"""Causal multi-head / grouped-query attention with RoPE, optional QK-norm, sliding windows,
+logit soft-capping and a KV cache.
 
 Inside attention, heads come before length ([B, H, L, K]) so the score and value matmuls are plain
 batched matmuls; the projections are 2-D matmuls over flattened tokens (see `dense`).
@@ -8,6 +9,7 @@ scanned segment carries one stacked cache per layer as an ordinary scan input/ou
 """
 
 import dataclasses
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -35,28 +37,48 @@ class Context:
     cache_index: jax.Array | None = None
 
 
-def attention_mask(ctx: Context, num_keys: int) -> jax.Array:
-    """[B, L, S] boolean: which keys each query may attend to."""
+def attention_mask(ctx: Context, num_keys: int, window: jax.Array | None = None) -> jax.Array:
+    """[B, L, S] boolean: which keys each query may attend to.
+
+    window (a per-layer scalar, traced under scan): a query at position i sees keys at positions
+    j with i - window < j <= i, itself included (Hugging Face's convention); None: no window.
+    Positions are within-document positions, or cache slots when decoding."""
     if ctx.cache_index is not None:  # decoding: keys are cache slots 0..S-1, filled up to the query
-        key_pos_S = jnp.arange(num_keys)
-        return key_pos_S[None, None, :] <= ctx.positions_BxL[:, :, None]
+        key_pos_1x1xS = jnp.arange(num_keys)[None, None, :]
+        query_pos_BxLx1 = ctx.positions_BxL[:, :, None]
+        mask = key_pos_1x1xS <= query_pos_BxLx1
+        if window is not None:
+            mask = mask & (key_pos_1x1xS > query_pos_BxLx1 - jnp.asarray(window, jnp.int32))
+        return mask
     length = ctx.positions_BxL.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-    if ctx.segment_ids_BxL is None:
-        return causal_LxL[None]
-    same_doc_BxLxL = ctx.segment_ids_BxL[:, :, None] == ctx.segment_ids_BxL[:, None, :]
-    return causal_LxL[None] & same_doc_BxLxL
+    mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+    if ctx.segment_ids_BxL is not None:
+        mask = mask & (ctx.segment_ids_BxL[:, :, None] == ctx.segment_ids_BxL[:, None, :])
+    if window is not None:
+        pos = ctx.positions_BxL
+        mask = mask & (pos[:, None, :] > pos[:, :, None] - jnp.asarray(window, jnp.int32))
+    return mask
 
 
-def dot_product_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) v, with N kv heads each shared by a group of G = H/N query heads.
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap): bounds logits to (-cap, cap) smoothly (Gemma-2)."""
+    return cap * jnp.tanh(x / cap)
+
+
+def dot_product_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS, scale: float = 0.0,
+                          logit_cap: float = 0.0) -> jax.Array:
+    """softmax(scale * q k^T) v, with N kv heads each shared by a group of G = H/N query heads.
+    scale 0: 1/sqrt(K). logit_cap > 0: scaled logits are soft-capped before the mask.
     Returns [B, H, L, K]."""
     batch, heads, length, head_dim = q_BxHxLxK.shape
     kv_heads = k_BxNxSxK.shape[1]
     group = heads // kv_heads
+    scale = scale or head_dim**-0.5
     # A group's queries are stacked along length, so each kv head serves one [G*L, S] matmul.
-    q_BxNxGLxK = (q_BxHxLxK * head_dim**-0.5).reshape(batch, kv_heads, group * length, head_dim)
+    q_BxNxGLxK = (q_BxHxLxK * scale).reshape(batch, kv_heads, group * length, head_dim)
     logits = jnp.einsum("bnqk,bnsk->bnqs", q_BxNxGLxK, k_BxNxSxK, preferred_element_type=jnp.float32)
+    if logit_cap:
+        logits = softcap(logits, logit_cap)
     logits_BxNxGxLxS = logits.reshape(batch, kv_heads, group, length, -1)
     logits_BxNxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxNxGxLxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxNxGxLxS, axis=-1).astype(v_BxNxSxK.dtype)
@@ -66,11 +88,17 @@ def dot_product_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS) -> jax.Ar
 
 class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_theta: float | None, qk_norm: bool, norm_type: str, norm_eps: float,
-                 use_bias: bool, init_std: float, rngs: nnx.Rngs, canon_b: Canon | None = None,
-                 value_init_scale: float = 1.0):
-        """value_init_scale multiplies the init std of wv and wo only (DeepNorm's beta)."""
-        self.rope_theta = rope_theta
+                 rope_freqs, qk_norm: bool, norm_type: str, norm_eps: float, init_std: float,
+                 rngs: nnx.Rngs, biases: Collection[str] = (), qk_norm_scope: str = "head",
+                 norm_offset: bool = False, scale: float = 0.0, logit_cap: float = 0.0,
+                 canon_b: Canon | None = None, value_init_scale: float = 1.0):
+        """rope_freqs: RoPE's inverse frequencies (`rope_frequencies`), None for no RoPE.
+        biases: which of "q", "k", "v", "o" have a bias. scale, logit_cap: see
+        `dot_product_attention`. value_init_scale multiplies the init std of wv and wo only
+        (DeepNorm's beta)."""
+        # A tuple of floats, not an array: static module data must be hashable.
+        self.rope_freqs = None if rope_freqs is None else tuple(float(f) for f in rope_freqs)
+        self.scale, self.logit_cap = scale, logit_cap
         self.canon_b = canon_b  # canon position B: on q, k, v after QK-norm, before RoPE
         self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
         self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
@@ -78,26 +106,31 @@ class Attention(nnx.Module):
                                init_std * value_init_scale)
         self.wo = normal_param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
                                init_std * value_init_scale)
-        if use_bias:
-            self.bq = const_param((num_heads, head_dim), ("heads", "head_dim"), 0.0)
-            self.bk = const_param((num_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)
-            self.bv = const_param((num_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)
-            self.bo = const_param((d_model,), ("embed",), 0.0)
-        self.use_bias = use_bias
-        if qk_norm:  # normalises each head's query and key vector over head_dim
-            self.q_norm = Norm(head_dim, norm_type, norm_eps, axis_name="head_dim")
-            self.k_norm = Norm(head_dim, norm_type, norm_eps, axis_name="head_dim")
+        bias = lambda name, shape, axes: const_param(shape, axes, 0.0) if name in biases else None
+        self.bq = bias("q", (num_heads, head_dim), ("heads", "head_dim"))
+        self.bk = bias("k", (num_kv_heads, head_dim), ("kv_heads", "head_dim"))
+        self.bv = bias("v", (num_kv_heads, head_dim), ("kv_heads", "head_dim"))
+        self.bo = bias("o", (d_model,), ("embed",))
+        if qk_norm and qk_norm_scope == "head":  # each head's query and key vector over head_dim
+            self.q_norm = Norm(head_dim, norm_type, norm_eps, axis_name="head_dim", offset=norm_offset)
+            self.k_norm = Norm(head_dim, norm_type, norm_eps, axis_name="head_dim", offset=norm_offset)
+        elif qk_norm:  # "full": all of a token's queries (keys) at once, gains sharded like q (k)
+            self.q_norm = Norm((num_heads, head_dim), norm_type, norm_eps, axis_name=("heads", "head_dim"),
+                               offset=norm_offset)
+            self.k_norm = Norm((num_kv_heads, head_dim), norm_type, norm_eps, axis_name=("kv_heads", "head_dim"),
+                               offset=norm_offset)
         self.qk_norm = qk_norm
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: Context, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context, cache: KVCache | None = None,
+                 window: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """window: this layer's sliding-window length (see `attention_mask`), None for none."""
         dtype = x_BxLxD.dtype
         # One [D, H+2N, K] matmul instead of three: larger matmuls run closer to peak on CPU.
         heads, kv_heads = self.wq.shape[1], self.wk.shape[1]
         w_qkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
         q, k, v = jnp.split(dense(x_BxLxD, w_qkv), [heads, heads + kv_heads], axis=2)  # [B, L, *, K]
-        if self.use_bias:
-            q, k, v = q + self.bq[...].astype(dtype), k + self.bk[...].astype(dtype), v + self.bv[...].astype(dtype)
+        add_bias = lambda t, b: t if b is None else t + b[...].astype(dtype)
+        q, k, v = add_bias(q, self.bq), add_bias(k, self.bk), add_bias(v, self.bv)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         new_cache = None if cache is None else {}
@@ -109,16 +142,15 @@ class Attention(nnx.Module):
             if cache is not None:
                 new_cache["canon_B"] = canon_state
         q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # -> [B, heads, L, K]
-        if self.rope_theta is not None:
-            q = apply_rope(q, ctx.positions_BxL, self.rope_theta)
-            k = apply_rope(k, ctx.positions_BxL, self.rope_theta)
+        if self.rope_freqs is not None:
+            q = apply_rope(q, ctx.positions_BxL, self.rope_freqs)
+            k = apply_rope(k, ctx.positions_BxL, self.rope_freqs)
         if cache is not None:
             at = (0, 0, ctx.cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
             new_cache.update(k=k, v=v)
-        out_BxHxLxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), attention_mask(ctx, k.shape[2]))
-        out_BxLxD = dense(jnp.swapaxes(out_BxHxLxK, 1, 2), self.wo[...], in_dims=2)
-        if self.use_bias:
-            out_BxLxD = out_BxLxD + self.bo[...].astype(dtype)
+        mask_BxLxS = attention_mask(ctx, k.shape[2], window)
+        out_BxHxLxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask_BxLxS, self.scale, self.logit_cap)
+        out_BxLxD = add_bias(dense(jnp.swapaxes(out_BxHxLxK, 1, 2), self.wo[...], in_dims=2), self.bo)
         return out_BxLxD, new_cache

@@ -59,9 +59,10 @@ class Canon(nnx.Module):
 def canon_widths(m) -> dict[str, int]:
     """Channels at each canon position for a model config (m: ModelConfig)."""
     from layerjax.config import d_ff, head_dim, kv_heads
+    from layerjax.layers.mlp import GATED_ACTIVATIONS  # imported here: mlp imports this module
 
     return {"A": m.d_model, "B": (m.num_heads + 2 * kv_heads(m)) * head_dim(m), "C": m.d_model,
-            "D": d_ff(m) * (2 if m.mlp == "swiglu" else 1)}
+            "D": d_ff(m) * (2 if m.mlp in GATED_ACTIVATIONS else 1)}
 
 
 def make_canon(m, dim: int, axis_name: str | None, rngs: nnx.Rngs) -> Canon:

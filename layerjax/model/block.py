@@ -1,15 +1,17 @@
 """The one block builder: a transformer layer whose structure is read from its `LayerSpec`.
 
 Every norm placement is a branch visible in `__call__`, never a subclass. Per-layer scalars
-(`norm_scale` for LayerNorm scaling, `residual_scale` for DeepNorm) arrive as scanned inputs.
+(`norm_scale` for LayerNorm scaling, `residual_scale` for DeepNorm, the attention `window`)
+arrive as scanned inputs.
 """
 
 import jax
 from flax import nnx
 
-from layerjax.config import ModelConfig, d_ff, head_dim, kv_heads
+from layerjax.config import ModelConfig, biased_projections, d_ff, head_dim, kv_heads, rope_dims
 from layerjax.layers.attention import Attention, Context, KVCache
 from layerjax.layers.canon import canon_widths, make_canon
+from layerjax.layers.embed import rope_frequencies
 from layerjax.layers.mlp import MLP
 from layerjax.layers.norms import Norm
 from layerjax.model.plan import LayerSpec
@@ -18,20 +20,26 @@ from layerjax.model.plan import LayerSpec
 class Block(nnx.Module):
     def __init__(self, m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs):
         self.spec = spec
+        self.windowed = m.sliding_window > 0  # else no layer has a window: skip its mask entirely
         widths = canon_widths(m)
         canon = lambda position, axis: make_canon(m, widths[position], axis, rngs) if position in spec.canon else None
-        norm = lambda: Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if spec.norm != "none" else None
+        norm = lambda: (Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias, offset=m.norm_offset)
+                        if spec.norm != "none" else None)
         # "pre", "post" and "peri" use these on the sublayer's input side, "reordered" on its output.
         self.attn_norm = norm()
         self.canon_a = canon("A", "embed")
+        rope = m.positions == "rope"
         self.attn = Attention(
             m.d_model, m.num_heads, kv_heads(m), head_dim(m),
-            rope_theta=m.rope_theta if m.positions == "rope" else None, qk_norm=m.qk_norm,
-            norm_type=m.norm_type, norm_eps=m.norm_eps, use_bias=m.use_bias, init_std=m.init_std, rngs=rngs,
-            canon_b=canon("B", None), value_init_scale=spec.init_scale)
+            rope_freqs=rope_frequencies(rope_dims(m), m.rope_theta, m.rope_scaling, m.rope_factor,
+                                        m.rope_low_freq_factor, m.rope_high_freq_factor,
+                                        m.rope_original_max_len) if rope else None,
+            qk_norm=m.qk_norm, qk_norm_scope=m.qk_norm_scope, norm_type=m.norm_type, norm_eps=m.norm_eps,
+            norm_offset=m.norm_offset, biases=biased_projections(m), scale=m.attn_scale, logit_cap=m.attn_softcap,
+            init_std=m.init_std, rngs=rngs, canon_b=canon("B", None), value_init_scale=spec.init_scale)
         self.mlp_norm = norm()
         self.canon_c = canon("C", "embed")
-        self.mlp = MLP(m.d_model, d_ff(m), m.mlp, m.use_bias, m.init_std * spec.init_scale, rngs,
+        self.mlp = MLP(m.d_model, d_ff(m), m.mlp, biased_projections(m), m.init_std * spec.init_scale, rngs,
                        canon_d=canon("D", "mlp"))
         # Peri-LN's second norm on each sublayer's output, with its own trainable gain.
         self.attn_out_norm = norm() if spec.norm == "peri" else None
@@ -49,7 +57,7 @@ class Block(nnx.Module):
                 h, canon_state = self.canon_a(h, segments, state("canon_A"))
                 if cache is not None:
                     new_cache["canon_A"] = canon_state
-            out, attn_cache = self.attn(h, ctx, cache)
+            out, attn_cache = self.attn(h, ctx, cache, window=scalars["window"] if self.windowed else None)
             if cache is not None:
                 new_cache.update(attn_cache)
             return out

@@ -2,9 +2,10 @@
 
 A plan holds, for every layer, a frozen `LayerSpec` (structure: anything that changes which
 parameters exist or which code runs) and per-layer scalars (values that change no structure, such
-as the layer index). Consecutive layers with equal specs form a `Segment`: one stacked parameter
-tree run by one scan, with the scalars as scanned inputs. A plan of two segments compiles two
-scan bodies whatever the depth.
+as the layer index or the sliding-window length, so local and global layers share a segment).
+Consecutive layers with equal specs form a `Segment`: one stacked parameter tree run by one scan,
+with the scalars as scanned inputs. A plan of two segments compiles two scan bodies whatever the
+depth.
 """
 
 from __future__ import annotations
@@ -30,27 +31,41 @@ class LayerSpec:
     init_scale: float = 1.0
 
 
+# The window of a layer without one: longer than any sequence, and exact in float32.
+NO_WINDOW = 2**30
+
 # Per-layer scalars every plan carries, with the value a layer gets when its scheme does not set it.
 SCALAR_DEFAULTS = {
     "norm_scale": 1.0,  # multiplies the Pre-LN norm outputs (LayerNorm scaling: 1/sqrt(l))
     "residual_scale": 1.0,  # multiplies x in Post-LN's N(a*x + F(x)) (DeepNorm's alpha)
+    "window": float(NO_WINDOW),  # keys a query sees, itself included (model.sliding_window)
 }
 
 
-def deepnorm_constants(num_layers: int) -> tuple[float, float]:
-    """DeepNet (Wang et al. 2022), decoder-only: alpha = (2N)^(1/4), beta = (8N)^(-1/4)."""
-    return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
+def deepnorm_constants(num_layers: int, alpha: float = 0.0) -> tuple[float, float]:
+    """DeepNet (Wang et al. 2022), decoder-only: alpha = (2N)^(1/4), beta = (8N)^(-1/4).
+    A nonzero `alpha` (model.deepnorm_alpha) replaces the residual multiplier; beta stays."""
+    return alpha or (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
 
 
-def scheme_layer(scheme: str, layer: int, num_layers: int, canon: str) -> tuple[LayerSpec, dict[str, float]]:
+def scheme_layer(scheme: str, layer: int, num_layers: int, canon: str,
+                 deepnorm_alpha: float = 0.0) -> tuple[LayerSpec, dict[str, float]]:
     """What a norm scheme (any of CHOICES["model.norm"] but "mix") means for layer `layer`
     (0-based): its spec and the scalars it sets."""
     if scheme == "lns":  # Pre-LN scaled by 1/sqrt(l), l the 1-based layer index
         return LayerSpec("pre", canon), {"norm_scale": (layer + 1) ** -0.5}
     if scheme == "deepnorm":
-        alpha, beta = deepnorm_constants(num_layers)
+        alpha, beta = deepnorm_constants(num_layers, deepnorm_alpha)
         return LayerSpec("post", canon, init_scale=beta), {"residual_scale": alpha}
     return LayerSpec(scheme, canon), {}
+
+
+def layer_windows(m: ModelConfig) -> list[int]:
+    """Each layer's sliding window: model.sliding_window where model.window_pattern (a cycle over
+    layers) says "local", NO_WINDOW where it says "global" or when there is no window."""
+    pattern = m.window_pattern or ("local",)
+    return [m.sliding_window if m.sliding_window and pattern[layer % len(pattern)] == "local" else NO_WINDOW
+            for layer in range(m.num_layers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +106,15 @@ class Plan:
         scalars = self.scalars
         header = ["layer", "scheme", *fields, *scalars, "segment"]
         show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        # Windows are token counts (too long for 4 digits); NO_WINDOW reads as "-".
+        show_scalar = lambda k, v: ("-" if v >= NO_WINDOW else str(int(v))) if k == "window" else f"{v:.4g}"
         rows = []
         for seg_index, seg in enumerate(self.segments):
             for layer in seg.layers:
                 spec = self.specs[layer]
                 rows.append([str(layer), self.schemes[layer] if self.schemes else "",
                              *(show(getattr(spec, f)) for f in fields),
-                             *(f"{scalars[k][layer]:.4g}" for k in scalars),
+                             *(show_scalar(k, scalars[k][layer]) for k in scalars),
                              f"{seg_index} (layers {seg.first_layer}-{seg.layers[-1]})"])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -133,9 +150,10 @@ def layer_schemes(m: ModelConfig) -> list[str]:
 def build_plan(m: ModelConfig) -> Plan:
     canon = "".join(sorted(m.canon))
     specs, scalars = [], {"layer_index": [], **{name: [] for name in SCALAR_DEFAULTS}}
-    schemes = layer_schemes(m)
+    schemes, windows = layer_schemes(m), layer_windows(m)
     for layer, scheme in enumerate(schemes):
-        spec, values = scheme_layer(scheme, layer, m.num_layers, canon)
+        spec, values = scheme_layer(scheme, layer, m.num_layers, canon, m.deepnorm_alpha)
+        values = {"window": windows[layer], **values}
         specs.append(spec)
         scalars["layer_index"].append(float(layer))
         for name, default in SCALAR_DEFAULTS.items():

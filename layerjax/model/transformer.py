@@ -9,7 +9,7 @@ from flax import nnx
 from layerjax.config import ModelConfig, head_dim, kv_heads
 from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
-from layerjax.layers.attention import Context, KVCache
+from layerjax.layers.attention import Context, KVCache, softcap
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
 from layerjax.layers.params import dense, normal_param
@@ -81,11 +81,12 @@ class Transformer(nnx.Module):
     def __init__(self, m: ModelConfig, rngs: nnx.Rngs, plan: Plan | None = None):
         self.config = m
         self.plan = plan or build_plan(m)
-        self.embed = Embedding(m.vocab_size, m.d_model, m.init_std, rngs)
+        self.embed = Embedding(m.vocab_size, m.d_model, m.init_std, rngs, scaled=m.embed_scale)
         self.positions = LearnedPositions(m.max_seq_len, m.d_model, m.init_std, rngs) if m.positions == "learned" else None
-        self.embed_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if m.embed_norm else None
+        norm = lambda: Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias, offset=m.norm_offset)
+        self.embed_norm = norm() if m.embed_norm else None
         self.stacks = nnx.List([LayerStack(m, seg, rngs) for seg in self.plan.segments])
-        self.final_norm = Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias) if m.final_norm else None
+        self.final_norm = norm() if m.final_norm else None
         self.head = None if m.tie_embeddings else normal_param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -134,8 +135,11 @@ class Transformer(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = dense(x, self.head[...])
+        logits = logits.astype(jnp.float32)
+        if m.final_softcap:
+            logits = softcap(logits, m.final_softcap)
         probes = jax.tree.map(lambda *p: jnp.concatenate(p), *probes) if probe else None
-        return logits.astype(jnp.float32), new_cache, probes
+        return logits, new_cache, probes
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
         """An empty decoding cache, per segment a dict stacked over its layers: "k" and "v" of

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from layerjax.config import ModelConfig, d_ff, head_dim, kv_heads
+from layerjax.layers.mlp import GATED_ACTIVATIONS
 
 
 def matmul_params(m: ModelConfig) -> int:
@@ -15,7 +16,7 @@ def matmul_params(m: ModelConfig) -> int:
     (embedding lookups and norm gains do no matmul work)."""
     hd, kvh = head_dim(m), kv_heads(m)
     attn = m.d_model * hd * (2 * m.num_heads + 2 * kvh)
-    mlp = m.d_model * d_ff(m) * (3 if m.mlp == "swiglu" else 2)
+    mlp = m.d_model * d_ff(m) * (3 if m.mlp in GATED_ACTIVATIONS else 2)
     return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size
 
 

@@ -50,7 +50,10 @@ class Setup:
 
 def _make_state(cfg: Config, plan: Plan, tx: optax.GradientTransformation, seed: int) -> TrainState:
     model = Transformer(cfg.model, nnx.Rngs(params=seed), plan)
-    params = nnx.state(model, nnx.Param)
+    # Drawn in float32, stored in model.param_dtype: the abstract state, the shardings, the
+    # optimizer state and checkpoints all follow from this one cast.
+    param_dtype = jnp.dtype(cfg.model.param_dtype)
+    params = jax.tree.map(lambda p: p.astype(param_dtype), nnx.state(model, nnx.Param))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed + 1)))
 
@@ -86,6 +89,16 @@ def init_state(setup: Setup, seed: int) -> TrainState:
                    out_shardings=setup.state_shardings)
     with setup.mesh:
         return make()
+
+
+def state_from_params(setup: Setup, params: nnx.State, seed: int, step: int = 0) -> TrainState:
+    """A train state around given (already sharded) parameters: a fresh optimizer state, for
+    training that starts from imported or pretrained weights."""
+    make = jax.jit(lambda p: TrainState(step=jnp.asarray(step, jnp.int32), params=p, opt_state=setup.tx.init(p),
+                                        rng=jax.random.key_data(jax.random.key(seed + 1))),
+                   out_shardings=setup.state_shardings)
+    with setup.mesh:
+        return make(params)
 
 
 def jit_train_step(setup: Setup):
