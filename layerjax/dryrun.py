@@ -17,8 +17,13 @@ def _bytes(tree) -> int:
 
 
 def dry_run_report(cfg: Config) -> str:
-    data = build_data(cfg, jax.process_index(), jax.process_count())
-    cfg = resolve_vocab(cfg, data.vocab_size)
+    source = cfg.data.source
+    if source == "text" and not cfg.data.paths and cfg.model.vocab_size:
+        # An imported model's config names no corpus until training; its vocabulary is fixed.
+        source += ", no data.paths yet"
+    else:
+        data = build_data(cfg, jax.process_index(), jax.process_count())
+        cfg = resolve_vocab(cfg, data.vocab_size)
     setup = build_setup(cfg)
     m = cfg.model
     state = setup.abstract_state
@@ -27,7 +32,7 @@ def dry_run_report(cfg: Config) -> str:
         f"FLOPs per token      {flops_per_token(m, cfg.data.seq_len):,.0f} (6N + attention, training)",
         f"tokens per step      {cfg.data.batch_size * cfg.data.seq_len:,} "
         f"({cfg.data.batch_size} x {cfg.data.seq_len}, {cfg.train.microbatches} microbatch(es))",
-        f"vocabulary           {m.vocab_size} ({cfg.data.source})",
+        f"vocabulary           {m.vocab_size} ({source})",
         "",
         f"layer plan: {m.num_layers} layers in {len(setup.plan.segments)} scanned segment(s)"
         + ("" if m.scan_layers else " (run unrolled: model.scan_layers=false)"),

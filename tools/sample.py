@@ -50,7 +50,7 @@ def main(argv=None) -> None:
         temperature = 0.0 if args.temperature is None else args.temperature
         max_new = min(args.max_new_tokens, len(expected))
     else:
-        tokenizer = build_tokenizer(cfg.data)
+        tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
         prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(args.prompt)
         expected, decode, eos = None, tokenizer.decode, tokenizer.eos_id
         temperature = 0.8 if args.temperature is None else args.temperature

@@ -228,7 +228,7 @@ def _random_source(cfg: Config, process_index: int, process_count: int) -> _Sour
 def _text_source(cfg: Config, process_index: int, process_count: int) -> _Source:
     if not cfg.data.paths:
         raise ConfigError("data.source='text' needs data.paths, e.g. data.paths=corpus.txt")
-    tokenizer = build_tokenizer(cfg.data)
+    tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size)
     documents = read_documents(cfg.data.paths, cfg.data.text_field)
     train_docs, val_docs = split_train_val(documents, cfg.data.val_fraction)
     train_chunks = _TextChunks(train_docs, tokenizer, cfg.data.seq_len)

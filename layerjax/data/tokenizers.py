@@ -48,8 +48,8 @@ class ByteTokenizer:
 
 # Special-token spellings tried in order when a tokenizer.json is loaded; the first one present
 # in the vocabulary is used, otherwise a new token is appended after the vocabulary. The lists
-# share no spelling, so the three roles always get distinct ids (a pad equal to eos would hide eos
-# from the loss).
+# share no spelling, so the three roles get distinct ids unless a fixed model vocabulary leaves no
+# room to append (see HFTokenizer).
 _SPECIAL_CANDIDATES = {
     "bos": ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>", "[CLS]"),
     "eos": ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]", "[SEP]"),
@@ -60,7 +60,10 @@ _SPECIAL_CANDIDATES = {
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json, with bos/eos/pad guaranteed to exist."""
 
-    def __init__(self, path: str | pathlib.Path):
+    def __init__(self, path: str | pathlib.Path, max_vocab: int = 0):
+        """max_vocab: the model's vocabulary size when it is fixed (an imported model). A missing
+        special that has no room left there reuses eos (padding is positional in the pipeline, so
+        a pad equal to eos never hides eos from the loss)."""
         try:
             import tokenizers  # lazy: an optional dependency
         except ImportError:
@@ -71,13 +74,20 @@ class HFTokenizer:
         self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         base_size = self._tok.get_vocab_size(with_added_tokens=True)
         next_free = base_size
-        ids = {}
-        for role, candidates in _SPECIAL_CANDIDATES.items():
-            found = next((self._tok.token_to_id(c) for c in candidates
-                          if self._tok.token_to_id(c) is not None), None)
-            if found is None:  # appended ids exist only for the model; decode skips them
-                found, next_free = next_free, next_free + 1
-            ids[role] = found
+        ids = {role: next((self._tok.token_to_id(c) for c in candidates if self._tok.token_to_id(c) is not None), None)
+               for role, candidates in _SPECIAL_CANDIDATES.items()}
+        for role in _SPECIAL_CANDIDATES:
+            if ids[role] is not None:
+                continue
+            if max_vocab and next_free >= max_vocab:  # no room in a fixed vocabulary
+                if ids["eos"] is None:
+                    raise ConfigError(
+                        f"data.tokenizer={str(path)!r} has no end-of-text token "
+                        f"({', '.join(_SPECIAL_CANDIDATES['eos'])}) and model.vocab_size={max_vocab} "
+                        "leaves no room to add one")
+                ids[role] = ids["eos"]
+            else:  # appended ids exist only for the model; decode skips them
+                ids[role], next_free = next_free, next_free + 1
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self._base_size = base_size
         self.vocab_size = next_free
@@ -94,8 +104,9 @@ class HFTokenizer:
         return self._tok.decode(kept, skip_special_tokens=True)
 
 
-def build_tokenizer(data_cfg) -> ByteTokenizer | HFTokenizer:
-    """`data.tokenizer` is "byte" or a path to a tokenizer.json."""
+def build_tokenizer(data_cfg, max_vocab: int = 0) -> ByteTokenizer | HFTokenizer:
+    """`data.tokenizer` is "byte" or a path to a tokenizer.json; max_vocab: the model's fixed
+    vocabulary size, if any (see HFTokenizer)."""
     name = data_cfg.tokenizer
     if name == "byte":
         return ByteTokenizer()
@@ -104,4 +115,4 @@ def build_tokenizer(data_cfg) -> ByteTokenizer | HFTokenizer:
         raise ConfigError(
             f"data.tokenizer={name!r}: no such file; give a path to a Hugging Face "
             "tokenizer.json or data.tokenizer=byte")
-    return HFTokenizer(path)
+    return HFTokenizer(path, max_vocab)

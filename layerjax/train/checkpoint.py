@@ -3,6 +3,9 @@
 Each checkpoint is one step directory with two items: `state` (params, optimizer state, step,
 RNG; written collectively, each process its own shards) and `data` (every process's grain
 iterator state, gathered into one JSON list, since each process reads its own part of the data).
+A weights-only checkpoint (a Hugging Face import, see `ParamsWriter`) has a `state` item that holds
+only `params`, and no `data` item: a run resuming from it starts a fresh optimizer state and data
+stream.
 A checkpoint restores under any mesh: arrays are read into the current run's shardings. Orbax writes to a temporary directory and
 renames it when complete, so a crash mid-save never leaves a checkpoint that looks finished.
 """
@@ -34,6 +37,31 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def has_train_state(self, step: int) -> bool:
+        """False for a weights-only checkpoint (see `ParamsWriter`): full ones always have `data`."""
+        return (self.directory / str(step) / "data").is_dir()
+
+    def restore_params(self, step: int, abstract_params, shardings):
+        """The parameters of a checkpoint of either kind, read into `shardings` (a prefix tree of
+        NamedShardings over abstract_params); the optimizer state is never read, so memory holds
+        one copy of the weights."""
+        return self._restore_part(step, {"params": _sharded_target(abstract_params, shardings)})["params"]
+
+    def restore_param_leaves(self, step: int, abstract_leaves: dict) -> dict:
+        """Some parameters only, on one device: {dotted path (`interop.mapping.path_name`):
+        ShapeDtypeStruct} -> {path: array}; lets a converter hold one group of weights at a time."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = _nest({path: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+                        for path, a in abstract_leaves.items()})
+        restored = self._restore_part(step, {"params": target})["params"]
+        return {path: _leaf(restored, path) for path in abstract_leaves}
+
+    def _restore_part(self, step: int, target):
+        """A subtree of the `state` item (partial restore: nothing else is read)."""
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        return reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+
     def save(self, step: int, state: TrainState, data_state: dict) -> None:
         """Called by every process: each contributes its shards and its data position."""
         data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
@@ -42,9 +70,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState, shardings) -> tuple[TrainState, dict]:
         """Restores into `shardings` (a prefix tree of NamedShardings over abstract_state)."""
-        full_shardings = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, abstract_state)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, full_shardings)
+        target = _sharded_target(abstract_state, shardings)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         data = restored["data"]
@@ -61,6 +87,55 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class ParamsWriter:
+    """Writes a weights-only checkpoint at `step` one group of parameters at a time (Orbax's partial
+    save), so that a converter never holds the whole model: `with ParamsWriter(run_dir, 0) as w:
+    w.write({"embed.table": array, ...})`. The checkpoint appears only when the block exits cleanly."""
+
+    def __init__(self, run_dir: str | pathlib.Path, step: int):
+        self.path = pathlib.Path(run_dir).resolve() / "checkpoints" / str(step)
+
+    def write(self, arrays: dict) -> None:
+        """arrays: {dotted parameter path (as `interop.mapping.path_name` spells it): array}."""
+        import orbax.checkpoint.experimental.v1 as ocp_v1
+
+        ocp_v1.partial.save(self.path, {"params": _nest(arrays)})
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            import orbax.checkpoint.experimental.v1 as ocp_v1
+
+            ocp_v1.partial.finalize(self.path)
+
+
+def _nest(leaves: dict) -> dict:
+    """{"stacks.0.blocks.attn.wq": x} -> the nested dicts a saved params tree has for it, ending in
+    "value" (where an nnx.Variable keeps its array)."""
+    tree: dict = {}
+    for path, leaf in leaves.items():
+        node = tree
+        for key in path.split("."):
+            node = node.setdefault(key, {})
+        node["value"] = leaf
+    return tree
+
+
+def _leaf(tree: dict, path: str):
+    for key in path.split("."):
+        tree = tree[key]
+    return tree["value"]
+
+
+def _sharded_target(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying the sharding each leaf is read into."""
+    full_shardings = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, abstract_tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, full_shardings)
 
 
 def gather_json(value) -> list:
@@ -91,12 +166,22 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None, overrides=())
     # Whatever mesh trained it, inference reads the checkpoint onto one device.
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(num_devices=1))
     setup = build_setup(cfg)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    params, step = load_params(run_dir, setup, step)
+    return cfg, setup, params, step
+
+
+def load_params(run_dir: str | pathlib.Path, setup, step: int | None = None):
+    """The parameters of run_dir's checkpoint `step` (default: the latest), read into `setup`'s
+    shardings; the shapes must match setup's model. Returns (params, step)."""
+    checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        state, _ = checkpointer.restore(step, setup.abstract_state, setup.state_shardings)
+        if not (checkpointer.directory / str(step)).is_dir():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpointer.directory}; "
+                                    f"it has steps {sorted(checkpointer.manager.all_steps())}")
+        params = checkpointer.restore_params(step, setup.abstract_state.params, setup.state_shardings.params)
     finally:
         checkpointer.close()
-    return cfg, setup, state.params, step
+    return params, step

@@ -20,11 +20,12 @@ from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
 from layerjax.diagnostics.layers import layer_eval, make_layer_eval_steps, make_layer_stats_step
 from layerjax.diagnostics.plots import plot_layers
-from layerjax.train.checkpoint import Checkpointer
+from layerjax.train.checkpoint import Checkpointer, load_params
 from layerjax.train.flops import flops_per_token, measure_peak_flops
 from layerjax.train.metrics import MetricsWriter, read_metrics
 from layerjax.train.plots import plot_curves
-from layerjax.train.state import Setup, build_setup, init_state, jit_params_step, jit_train_step, resolve_vocab
+from layerjax.train.state import (Setup, build_setup, init_state, jit_params_step, jit_train_step, resolve_vocab,
+                                  state_from_params)
 from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step
 
 
@@ -123,10 +124,18 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     train_iter = data.train_iterator()
     eval_batches = data.eval_batches()
     resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
+    if resumed_from is not None and checkpointer.has_train_state(resumed_from):
         state, data_state = checkpointer.restore(resumed_from, setup.abstract_state, setup.state_shardings)
         if data_state is not None:
             train_iter.set_state(data_state)
+    elif resumed_from is not None:  # weights only (an imported model): fresh optimizer and data
+        params = checkpointer.restore_params(resumed_from, setup.abstract_state.params, setup.state_shardings.params)
+        state = state_from_params(setup, params, cfg.train.seed, resumed_from)
+    elif cfg.train.init_from:
+        params, from_step = load_params(cfg.train.init_from, setup)
+        state = state_from_params(setup, params, cfg.train.seed)
+        if is_main:
+            print(f"layerjax: parameters from {cfg.train.init_from} (step {from_step})", flush=True)
     else:
         state = init_state(setup, cfg.train.seed)
 
