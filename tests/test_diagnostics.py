@@ -92,7 +92,8 @@ def test_layer_removal_equals_zeroing_that_pre_ln_layer():
     skipped = sum(float(loss_without(params, b, jnp.int32(3))[0]) for b in batches)
     weight = sum(float(b["weights"].sum()) for b in batches)
     np.testing.assert_allclose(skipped / weight, full_zeroed / weight, rtol=1e-5)
-    np.testing.assert_allclose(result["removal_delta"][3], skipped / weight - result["full_loss"], rtol=1e-4)
+    # A difference of two float32 losses near 5.5: its rounding error is ~1e-6 absolute, whatever its size.
+    np.testing.assert_allclose(result["removal_delta"][3], skipped / weight - result["full_loss"], rtol=1e-4, atol=2e-6)
 
 
 def _init_profile(scheme: str, seed: int, **overrides):

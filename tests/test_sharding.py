@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY_RUN
+from conftest import FAST_COMPILE, TINY_RUN
 from layerjax import distributed, sharding
 from layerjax.config import ConfigError, load_config
 from layerjax.train.checkpoint import Checkpointer
@@ -73,7 +73,8 @@ def _free_port() -> int:
 
 
 def _launch(args_per_process, env_devices=4, timeout=240):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices} {FAST_COMPILE}",
+           "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen(args, cwd=TESTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for args in args_per_process]
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -206,7 +207,7 @@ def test_distributed_flags_and_cluster_detection():
 
 
 def test_dry_run_refuses_a_bad_mesh_before_building_anything():
-    env = {"PATH": "/usr/bin:/bin", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {"PATH": "/usr/bin:/bin", "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
     out = subprocess.run([sys.executable, "train.py", "--dry-run", "mesh.rules=fsdp_tp", "mesh.shape.tensor=3"],
                          capture_output=True, text=True, cwd=TESTS.parent, env=env)
     assert out.returncode != 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY_RUN
+from conftest import FAST_COMPILE, TINY_RUN
 from layerjax.config import load_config
 from layerjax.generate import filter_logits, generate
 from layerjax.model.transformer import Transformer
@@ -25,7 +25,7 @@ TINY = TINY_RUN
 
 def run_cli(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
-                          env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                          env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"})
 
 
 def test_print_config_is_loadable_toml(tmp_path):

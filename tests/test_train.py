@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN
+from conftest import FAST_COMPILE, TINY_RUN
 from layerjax.config import load_config
 from layerjax.data.pipeline import build_data
 from layerjax.train.loop import NonFiniteError, train
@@ -139,7 +139,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"train.run_dir={run_dir}", "train.steps=100000",
            "checkpoint.every=0", "train.log_every=5"]
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     metrics = run_dir / "metrics.jsonl"
