@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import pathlib
 import tomllib
 import typing
@@ -37,11 +38,40 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # Tuple settings: every entry must be one of these.
     "model.window_pattern": ("local", "global"),
     "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
-    "data.source": ("depo", "brevo", "mano", "recall", "synthetic_random", "text"),
+    "model.adapter.kind": ("none", "lora", "mola", "mole"),
+    "model.adapter.targets": ("q", "k", "v", "o", "gate", "up", "down"),
+    "data.source": ("depo", "brevo", "mano", "recall", "synthetic_random", "text", "sft"),
+    "data.sft.template": ("simple", "jinja"),
+    "data.sft.overlong": ("drop", "truncate", "error"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp", "tp", "custom"),
     "train.on_nonfinite": ("stop", "skip"),
 }
+
+
+ADAPTER_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Low-rank adapters for fine-tuning a frozen base: LoRA, MoLA (LoRA experts on every targeted
+    projection, their number varying with depth) or MoLE (experts on the MLP, one router per layer)."""
+
+    kind: str = "none"  # none | lora | mola | mole
+    targets: tuple[str, ...] = ADAPTER_TARGETS  # projections that get an adapter (mole: the MLP ones)
+    rank: int = 8
+    alpha: float = 16.0  # the delta is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    rslora: bool = False
+    dropout: float = 0.05  # on the adapter's input (the router reads it before dropout)
+    # mola/mole: LoRA experts per layer, one entry per layer, or a pattern over equal blocks of
+    # depth: "2,4,6,8" gives each quarter of the layers 2, 4, 6 and 8 experts (MoLA's triangle).
+    experts: tuple[str, ...] = ("2", "4", "6", "8")
+    top_k: int = 2  # experts per token (mole: 1)
+    # top_k=1 weights the chosen expert by its softmax probability (Switch), so the LM loss trains
+    # the router; true renormalises it to exactly 1 as MoLA's code does (the router gets no gradient).
+    renormalize_top1: bool = False
+    balance_loss: float = 0.0  # coefficient of the per-layer load-balancing loss (MoLA's code: 0.001)
+    router_z_loss: float = 0.0  # coefficient of the routers' mean squared log-partition
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,7 @@ class ModelConfig:
     remat: str = "none"
     dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
     param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 @dataclass(frozen=True)
@@ -157,12 +188,25 @@ class RecallConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning records (data.source=sft; README "Supervised fine-tuning data")."""
+
+    prompt_field: str = "prompt"  # JSONL field of a prompt/response record's prompt
+    response_field: str = "response"  # ... and of its response (the trained part)
+    messages_field: str = "messages"  # JSONL field of a chat record: a list of {role, content}
+    task_field: str = "task"  # optional per-record task name: one exact-match bucket per task; "" ignores it
+    template: str = "simple"  # "simple": <|user|>/<|assistant|> markers; "jinja": data.sft.chat_template
+    chat_template: str = ""  # template=jinja: a Hugging Face style Jinja chat template over `messages`
+    overlong: str = "drop"  # a sample longer than data.seq_len: "drop", "truncate" (its end) or "error"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "depo"
     seq_len: int = 128
     batch_size: int = 32  # global batch, in sequences
     seed: int = 0
-    paths: tuple[str, ...] = ()  # for source=text: .txt, .jsonl or .parquet files
+    paths: tuple[str, ...] = ()  # source=text: .txt, .jsonl or .parquet files; source=sft: .jsonl files
     text_field: str = "text"  # for .jsonl / .parquet
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     val_fraction: float = 0.05
@@ -172,6 +216,7 @@ class DataConfig:
     brevo: BrevoConfig = field(default_factory=BrevoConfig)
     mano: ManoConfig = field(default_factory=ManoConfig)
     recall: RecallConfig = field(default_factory=RecallConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 @dataclass(frozen=True)
@@ -437,8 +482,8 @@ def _toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # JSON string escapes are valid TOML basic-string escapes (newlines in templates)
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(v)
@@ -535,6 +580,7 @@ def validate(cfg: Config) -> None:
             "set model.sliding_window to the window length, or clear model.window_pattern")
     if len(set(m.bias_projections)) != len(m.bias_projections):
         raise ConfigError(f"model.bias_projections={list(m.bias_projections)} names a projection twice")
+    _validate_adapter(m)
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
@@ -558,10 +604,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"logging.layer_stats_every={cfg.logging.layer_stats_every} must be >= 0 (0 turns it off)")
     if d.max_hops < 1:
         raise ConfigError(f"data.depo.max_hops={d.max_hops} must be at least 1")
+    _validate_sft(cfg.data.sft)
     # Imported here: the plan parses layer_norms and raises ConfigError on bad entries.
     from layerjax.model.plan import build_plan
 
     build_plan(m)
+
+
+def _validate_sft(s: SFTConfig) -> None:
+    if s.template == "jinja" and not s.chat_template.strip():
+        raise ConfigError("data.sft.template='jinja' needs data.sft.chat_template, a Jinja chat template "
+                          "string (e.g. a tokenizer_config.json's chat_template), or use data.sft.template=simple")
+    if s.template == "simple" and s.chat_template:
+        raise ConfigError("data.sft.chat_template is set but data.sft.template='simple' ignores it; "
+                          "set data.sft.template=jinja to use it, or clear data.sft.chat_template")
+    fields = {"data.sft.prompt_field": s.prompt_field, "data.sft.response_field": s.response_field,
+              "data.sft.messages_field": s.messages_field}
+    for key, value in fields.items():
+        if not value:
+            raise ConfigError(f"{key} must name a JSONL field, got an empty string")
+    named = [s.prompt_field, s.response_field, s.messages_field] + ([s.task_field] if s.task_field else [])
+    if len(set(named)) != len(named):
+        raise ConfigError(f"data.sft.prompt_field, response_field, messages_field and task_field must be "
+                          f"distinct, got {named}")
 
 
 def head_dim(m: ModelConfig) -> int:
@@ -570,6 +635,47 @@ def head_dim(m: ModelConfig) -> int:
 
 def kv_heads(m: ModelConfig) -> int:
     return m.num_kv_heads or m.num_heads
+
+
+def _validate_adapter(m: ModelConfig) -> None:
+    a = m.adapter
+    if a.kind == "none":
+        return
+    if a.rank < 1 or a.alpha <= 0:
+        raise ConfigError(f"model.adapter.rank={a.rank} must be >= 1 and model.adapter.alpha={a.alpha} positive")
+    if not 0 <= a.dropout < 1:
+        raise ConfigError(f"model.adapter.dropout={a.dropout} must be in [0, 1)")
+    if not a.targets:
+        raise ConfigError("model.adapter.targets is empty: name projections among " + ", ".join(ADAPTER_TARGETS))
+    if a.kind == "mole" and set(a.targets) - {"gate", "up", "down"}:
+        raise ConfigError(f"model.adapter.kind='mole' puts experts on the MLP only; model.adapter.targets="
+                          f"{list(a.targets)} names attention projections: use gate, up, down (or kind=mola)")
+    if a.kind in ("mola", "mole"):
+        counts = layer_experts(m)
+        if a.top_k < 1 or a.top_k > min(counts):
+            raise ConfigError(f"model.adapter.top_k={a.top_k} must be between 1 and the fewest experts of any "
+                              f"layer ({min(counts)})")
+        if a.kind == "mole" and a.top_k != 1:
+            raise ConfigError("model.adapter.kind='mole' routes each token to one expert: set model.adapter.top_k=1")
+
+
+def layer_experts(m: ModelConfig) -> list[int]:
+    """LoRA experts of each layer under mola/mole (0 for plain LoRA or no adapter)."""
+    a = m.adapter
+    if a.kind not in ("mola", "mole"):
+        return [0] * m.num_layers
+    try:
+        counts = [int(e) for e in a.experts]
+    except ValueError:
+        raise ConfigError(f"model.adapter.experts={list(a.experts)} must be whole numbers, e.g. 2,4,6,8") from None
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"model.adapter.experts={list(a.experts)} needs at least one expert in every entry")
+    if m.num_layers % len(counts):
+        raise ConfigError(
+            f"model.adapter.experts has {len(counts)} entries, which neither equals nor evenly divides "
+            f"model.num_layers={m.num_layers}: give one count per layer or a pattern over equal blocks")
+    per_block = m.num_layers // len(counts)
+    return [counts[layer // per_block] for layer in range(m.num_layers)]
 
 
 def rope_dims(m: ModelConfig) -> int:

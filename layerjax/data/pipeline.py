@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import typing
+import warnings
 
 import grain
 import numpy as np
 
 from layerjax.config import Config, ConfigError
-from layerjax.data import brevo
+from layerjax.data import brevo, sft
 from layerjax.data.depo import DepoTask
 from layerjax.data.metrics import exact_match_by_hops
 from layerjax.data.mano import ManoTask
@@ -59,6 +60,7 @@ class Data:
     _eval: grain.IterDataset | None
     _num_eval_batches: int
     _eval_cache: list | None = None
+    buckets: dict[int, str] | None = None  # names of the exact-match buckets, where they have names
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in np.asarray(ids).ravel()])
@@ -148,6 +150,7 @@ class _Source:
     summary: str
     chance_accuracy: float | None = None  # exact match of guessing, for tasks with answers
     score: typing.Callable = exact_match_by_hops  # (predictions, batch) -> {bucket: (correct, total)}
+    buckets: dict[int, str] | None = None  # bucket -> name (sft: task names)
 
 
 def _unbounded(process_index: int, process_count: int) -> grain.MapDataset:
@@ -256,8 +259,62 @@ def _text_source(cfg: Config, process_index: int, process_count: int) -> _Source
     )
 
 
+class _SFTDocuments:
+    """index -> one tokenized SFT record (a class, not a lambda, so it pickles)."""
+
+    def __init__(self, examples: sft.Examples):
+        self.examples = examples
+
+    def __call__(self, index: int) -> dict:
+        return document_example(**self.examples.example(index))
+
+
+def _sft_source(cfg: Config, process_index: int, process_count: int) -> _Source:
+    """Prompt/response or chat records (layerjax/data/sft.py): each record is one document, loss on
+    the responses only, exact match of the whole response per task. Held out like text."""
+    d = cfg.data
+    if not d.paths:
+        raise ConfigError("data.source='sft' needs data.paths, e.g. data.paths=train.jsonl "
+                          "(python3 tools/make_sft_data.py writes one)")
+    tokenizer = build_tokenizer(d, cfg.model.vocab_size)
+    render = sft.JinjaTemplate(d.sft.chat_template) if d.sft.template == "jinja" else (
+        lambda messages, where: sft.render_simple(messages))
+    records = sft.read_records(d.paths, d.sft)
+    buckets = sft.task_buckets(records, d.sft.task_field)
+    train_records, val_records = sft.split_records(records, d.val_fraction)
+    train_examples, val_examples = (sft.tokenize_records(part, render, tokenizer, d.seq_len, d.sft.overlong, buckets)
+                                    for part in (train_records, val_records))
+    dropped = train_examples.dropped + val_examples.dropped
+    truncated = train_examples.truncated + val_examples.truncated
+    overlong = f"{dropped} dropped, {truncated} truncated as longer than data.seq_len={d.seq_len}"
+    if dropped or truncated:
+        warnings.warn(f"data.source=sft: {overlong} (data.sft.overlong={d.sft.overlong!r})", stacklevel=2)
+    if len(train_examples) < process_count:
+        raise DataError(f"data.paths: only {len(train_examples)} training records for {process_count} process(es) "
+                        f"({len(train_records)} read, {overlong}); use more records, a longer data.seq_len "
+                        "or data.sft.overlong=truncate")
+    train = (grain.MapDataset.range(len(train_examples))[process_index::process_count]
+             .shuffle(seed=d.seed).repeat().map(_SFTDocuments(train_examples)))
+    evaluation = None
+    if len(val_examples):
+        val_indices = grain.MapDataset.range(len(val_examples))
+        if len(val_examples) >= process_count:  # tiny validation sets are read whole by everyone
+            val_indices = val_indices[process_index::process_count]
+        evaluation = val_indices.repeat().map(_SFTDocuments(val_examples))
+    names = {bucket: name or "(no task)" for name, bucket in buckets.items()}
+    shown = ", ".join(f"k{bucket}={name}" for bucket, name in sorted(names.items()))
+    return _Source(
+        vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id, decode=tokenizer.decode, train=train, eval=evaluation, buckets=names,
+        summary=(f"sft: {len(records)} records ({len(train_examples)} train / {len(val_examples)} val examples, "
+                 f"{overlong}), template {d.sft.template}, {len(train_examples.tokens) + len(val_examples.tokens)} "
+                 f"tokens, {int(train_examples.weights.sum() + val_examples.weights.sum())} trained, "
+                 f"vocab {tokenizer.vocab_size}; exact-match buckets {shown}"),
+    )
+
+
 _SOURCES = {"depo": _depo_source, "brevo": _brevo_source, "mano": _mano_source, "recall": _recall_source,
-            "synthetic_random": _random_source, "text": _text_source}
+            "synthetic_random": _random_source, "text": _text_source, "sft": _sft_source}
 
 
 # ---------------------------------------------------------------- packing and batching
@@ -323,5 +380,5 @@ def build_data(cfg: Config, process_index: int = 0, process_count: int = 1) -> D
     return Data(
         vocab_size=source.vocab_size, pad_id=source.pad_id, bos_id=source.bos_id,
         eos_id=source.eos_id, seq_len=d.seq_len, local_batch_size=local_batch,
-        summary=source.summary, chance_accuracy=source.chance_accuracy, score=source.score,
+        summary=source.summary, chance_accuracy=source.chance_accuracy, score=source.score, buckets=source.buckets,
         _decode=source.decode, _train=train, _eval=evaluation, _num_eval_batches=d.num_eval_batches)
