@@ -281,6 +281,7 @@ def test_missing_files_are_named(tmp_path):
     (["model.layer_norms=0:post"], r"model.layer_norms=\['0:post'\] \(per-layer norm schemes\)"),
     (["model.norm=peri"], r"Hugging Face 'gemma2' cannot represent: .*model.embed_scale=False"),
     (["model.rope_fraction=0.5"], r"model.rope_fraction=0.5 \(would come back as 1.0\)"),
+    (["model.adapter.kind=mola", "model.adapter.experts=2"], "a mixture of LoRA experts routes by input"),
 ])
 def test_export_refuses_models_without_a_hugging_face_equivalent(tmp_path, overrides, message):
     cfg = load_config(None, ["model.vocab_size=64", "model.num_layers=2", "model.d_model=32", *overrides])

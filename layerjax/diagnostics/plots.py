@@ -79,3 +79,36 @@ def plot_layers(run_dir: str | pathlib.Path) -> pathlib.Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_expert_usage(run_dir: str | pathlib.Path) -> pathlib.Path | None:
+    """experts.png: each layer's expert usage (share of top-k assignments, averaged over the run's
+    logged steps) as a layers x experts heatmap (blank where a layer has fewer experts), beside
+    the router entropy per layer. None for runs without LoRA experts."""
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    rows = read_metrics(run_dir, "router")
+    if not rows:
+        return None
+    layers = len(rows[-1]["expert_usage"])
+    width = max(len(u) for row in rows for u in row["expert_usage"])
+    usage = np.full((layers, width), np.nan)
+    for layer in range(layers):
+        per_step = [row["expert_usage"][layer] for row in rows]
+        usage[layer, :len(per_step[0])] = np.mean(per_step, axis=0)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    image = left.imshow(usage, cmap="magma", vmin=0.0, origin="lower", aspect="auto")
+    left.set(xlabel="expert", ylabel="layer (0-based)", title="expert usage (share of assignments)")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=left, fraction=0.046)
+    entropy = np.mean([row["router_entropy"] for row in rows], axis=0)
+    right.plot(entropy, np.arange(layers), "o-")
+    right.set(xlabel="router entropy (nats)", ylabel="layer (0-based)", title="routing entropy")
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    path = run_dir / "experts.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -158,6 +158,14 @@ def _gpt2_fields(hf: dict) -> dict:
 def export_family(m: ModelConfig, preferred: str | None = None) -> str:
     """The family a model exports as (`preferred`, e.g. the family it was imported from, when it
     represents the model); raises naming the first field no family can represent."""
+    if m.adapter.kind in ("mola", "mole"):
+        raise UnsupportedModelError(
+            f"model.adapter.kind={m.adapter.kind!r}: a mixture of LoRA experts routes by input, so it cannot be "
+            "merged into one weight per projection, and no Hugging Face family has routed experts")
+    if m.adapter.kind == "lora":
+        raise UnsupportedModelError(
+            "model.adapter.kind='lora': fold the adapters into the base first (layerjax.model.merge.merge_lora); "
+            "export does not merge them itself yet")
     if m.layer_norms:
         raise UnsupportedModelError(
             f"model.layer_norms={list(m.layer_norms)} (per-layer norm schemes) has no Hugging Face equivalent")
@@ -243,7 +251,7 @@ def hf_config(m: ModelConfig, family: str) -> dict:
 
 
 # Fields that change neither the function a model computes nor its weights' layout.
-_NOT_STRUCTURAL = {"init_std", "dtype", "param_dtype", "scan_layers", "remat", "document_mask", "canon_kernel",
+_NOT_STRUCTURAL = {"init_std", "dtype", "param_dtype", "scan_layers", "remat", "document_mask", "canon_kernel", "adapter",
                    "canon_residual", "canon_bias", "canon_activation", "canon_trainable", "mix_alpha",
                    "deepnorm_alpha"}
 

@@ -35,6 +35,7 @@ class Context:
     positions_BxL: jax.Array
     segment_ids_BxL: jax.Array | None = None
     cache_index: jax.Array | None = None
+    dropout_key: jax.Array | None = None  # adapter dropout (training only); None: no dropout
 
 
 def attention_mask(ctx: Context, num_keys: int, window: jax.Array | None = None) -> jax.Array:
@@ -91,13 +92,15 @@ class Attention(nnx.Module):
                  rope_freqs, qk_norm: bool, norm_type: str, norm_eps: float, init_std: float,
                  rngs: nnx.Rngs, biases: Collection[str] = (), qk_norm_scope: str = "head",
                  norm_offset: bool = False, scale: float = 0.0, logit_cap: float = 0.0,
-                 canon_b: Canon | None = None, value_init_scale: float = 1.0):
+                 canon_b: Canon | None = None, value_init_scale: float = 1.0, adapters: dict | None = None):
         """rope_freqs: RoPE's inverse frequencies (`rope_frequencies`), None for no RoPE.
         biases: which of "q", "k", "v", "o" have a bias. scale, logit_cap: see
         `dot_product_attention`. value_init_scale multiplies the init std of wv and wo only
         (DeepNorm's beta)."""
         # A tuple of floats, not an array: static module data must be hashable.
         self.rope_freqs = None if rope_freqs is None else tuple(float(f) for f in rope_freqs)
+        # Low-rank adapters by projection name ("q", "k", "v", "o"), each adding a delta to its output.
+        self.adapters = nnx.Dict(adapters or {})
         self.scale, self.logit_cap = scale, logit_cap
         self.canon_b = canon_b  # canon position B: on q, k, v after QK-norm, before RoPE
         self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
@@ -131,6 +134,7 @@ class Attention(nnx.Module):
         q, k, v = jnp.split(dense(x_BxLxD, w_qkv), [heads, heads + kv_heads], axis=2)  # [B, L, *, K]
         add_bias = lambda t, b: t if b is None else t + b[...].astype(dtype)
         q, k, v = add_bias(q, self.bq), add_bias(k, self.bk), add_bias(v, self.bv)
+        q, k, v = (self._adapted(name, x_BxLxD, t, ctx) for name, t in (("q", q), ("k", k), ("v", v)))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         new_cache = None if cache is None else {}
@@ -152,5 +156,14 @@ class Attention(nnx.Module):
             new_cache.update(k=k, v=v)
         mask_BxLxS = attention_mask(ctx, k.shape[2], window)
         out_BxHxLxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask_BxLxS, self.scale, self.logit_cap)
-        out_BxLxD = add_bias(dense(jnp.swapaxes(out_BxHxLxK, 1, 2), self.wo[...], in_dims=2), self.bo)
+        out_BxLxHxK = jnp.swapaxes(out_BxHxLxK, 1, 2)
+        out_BxLxD = add_bias(dense(out_BxLxHxK, self.wo[...], in_dims=2), self.bo)
+        out_BxLxD = self._adapted("o", out_BxLxHxK.reshape(*out_BxLxD.shape[:2], -1), out_BxLxD, ctx)
         return out_BxLxD, new_cache
+
+    def _adapted(self, name: str, adapter_in: jax.Array, projected: jax.Array, ctx: Context) -> jax.Array:
+        """projected + the named adapter's delta of adapter_in (unchanged without that adapter)."""
+        if name not in self.adapters:
+            return projected
+        key = None if ctx.dropout_key is None else jax.random.fold_in(ctx.dropout_key, "qkvo".index(name))
+        return projected + self.adapters[name](adapter_in, key).reshape(projected.shape)

@@ -23,10 +23,14 @@ GATED_ACTIVATIONS = {
 
 class MLP(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str, biases: Collection[str], init_std: float,
-                 rngs: nnx.Rngs, canon_d: Canon | None = None):
+                 rngs: nnx.Rngs, canon_d: Canon | None = None, adapters: dict | None = None, router=None):
         """kind: a key of GATED_ACTIVATIONS, or "gelu". biases: which of "up" (the input side: gate
         and up, or w_in) and "down" (the output) have a bias."""
         self.kind = kind
+        # Low-rank adapters by projection ("gate", "up": the input side, "down": the output), and
+        # for MoLE one router shared by them (else each mixture routes for itself).
+        self.adapters = nnx.Dict(adapters or {})
+        self.router = router
         self.gated = kind in GATED_ACTIVATIONS
         self.canon_d = canon_d  # canon position D: on the hidden pre-activation (gate and up if gated)
         if self.gated:
@@ -40,8 +44,10 @@ class MLP(nnx.Module):
         self.b_out = const_param((d_model,), ("embed",), 0.0) if "down" in biases else None
 
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None = None,
-                 canon_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
-        """Returns the output and, when decoding with canon position D, its new state."""
+                 canon_state: jax.Array | None = None, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """Returns the output and, when decoding with canon position D, its new state.
+        dropout_key: the adapters' dropout (training only)."""
         dtype = x_BxLxD.dtype
         if self.gated:
             w_in = jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
@@ -50,6 +56,12 @@ class MLP(nnx.Module):
         h_BxLxF = dense(x_BxLxD, w_in)
         if self.b_in is not None:
             h_BxLxF = h_BxLxF + self.b_in[...].astype(dtype)
+        shared = None if self.router is None else self.router(x_BxLxD.reshape(-1, x_BxLxD.shape[-1]))
+        delta = lambda name, h: self._delta(name, h, dropout_key, shared)
+        if self.gated and {"gate", "up"} & set(self.adapters):  # the input side is [gate | up]
+            h_BxLxF = h_BxLxF + jnp.concatenate([delta("gate", x_BxLxD), delta("up", x_BxLxD)], axis=-1)
+        elif "up" in self.adapters:
+            h_BxLxF = h_BxLxF + delta("up", x_BxLxD)
         if self.canon_d is not None:
             h_BxLxF, canon_state = self.canon_d(h_BxLxF, segment_ids_BxL, canon_state)
         if self.gated:
@@ -60,4 +72,14 @@ class MLP(nnx.Module):
         out_BxLxD = dense(h_BxLxF, self.w_out[...])
         if self.b_out is not None:
             out_BxLxD = out_BxLxD + self.b_out[...].astype(dtype)
+        if "down" in self.adapters:
+            out_BxLxD = out_BxLxD + delta("down", h_BxLxF)
         return out_BxLxD, canon_state
+
+    def _delta(self, name: str, adapter_in: jax.Array, dropout_key, shared_weights) -> jax.Array:
+        """The named adapter's delta, or zeros of its output width when that projection has none."""
+        width = self.w_out.shape[1] if name == "down" else self.w_out.shape[0]
+        if name not in self.adapters:
+            return jnp.zeros((*adapter_in.shape[:-1], width), adapter_in.dtype)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, 4 + ("gate", "up", "down").index(name))
+        return self.adapters[name](adapter_in, key, shared_weights)

@@ -5,14 +5,18 @@ Every norm placement is a branch visible in `__call__`, never a subclass. Per-la
 arrive as scanned inputs.
 """
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from layerjax.config import ModelConfig, biased_projections, d_ff, head_dim, kv_heads, rope_dims
+from layerjax.layers.adapters import LowRankAdapter, Router
 from layerjax.layers.attention import Attention, Context, KVCache
 from layerjax.layers.canon import canon_widths, make_canon
 from layerjax.layers.embed import rope_frequencies
-from layerjax.layers.mlp import MLP
+from layerjax.layers.mlp import GATED_ACTIVATIONS, MLP
 from layerjax.layers.norms import Norm
 from layerjax.model.plan import LayerSpec
 
@@ -36,11 +40,13 @@ class Block(nnx.Module):
                                         m.rope_original_max_len) if rope else None,
             qk_norm=m.qk_norm, qk_norm_scope=m.qk_norm_scope, norm_type=m.norm_type, norm_eps=m.norm_eps,
             norm_offset=m.norm_offset, biases=biased_projections(m), scale=m.attn_scale, logit_cap=m.attn_softcap,
-            init_std=m.init_std, rngs=rngs, canon_b=canon("B", None), value_init_scale=spec.init_scale)
+            init_std=m.init_std, rngs=rngs, canon_b=canon("B", None), value_init_scale=spec.init_scale,
+            adapters=make_attention_adapters(m, spec, rngs))
         self.mlp_norm = norm()
         self.canon_c = canon("C", "embed")
+        mlp_adapters, router = make_mlp_adapters(m, spec, rngs)
         self.mlp = MLP(m.d_model, d_ff(m), m.mlp, biased_projections(m), m.init_std * spec.init_scale, rngs,
-                       canon_d=canon("D", "mlp"))
+                       canon_d=canon("D", "mlp"), adapters=mlp_adapters, router=router)
         # Peri-LN's second norm on each sublayer's output, with its own trainable gain.
         self.attn_out_norm = norm() if spec.norm == "peri" else None
         self.mlp_out_norm = norm() if spec.norm == "peri" else None
@@ -51,6 +57,9 @@ class Block(nnx.Module):
         state = (lambda key: cache[key]) if cache is not None else (lambda key: None)
         new_cache = {} if cache is not None else None
         segments = ctx.segment_ids_BxL
+        if ctx.dropout_key is not None:  # each layer draws its own adapter dropout masks
+            ctx = dataclasses.replace(ctx, dropout_key=jax.random.fold_in(
+                ctx.dropout_key, scalars["layer_index"].astype(jnp.int32)))
 
         def attention(h):
             if self.canon_a is not None:
@@ -67,7 +76,8 @@ class Block(nnx.Module):
                 h, canon_state = self.canon_c(h, segments, state("canon_C"))
                 if cache is not None:
                     new_cache["canon_C"] = canon_state
-            out, canon_state = self.mlp(h, segments, state("canon_D") if self.mlp.canon_d is not None else None)
+            out, canon_state = self.mlp(h, segments, state("canon_D") if self.mlp.canon_d is not None else None,
+                                        ctx.dropout_key)
             if cache is not None and self.mlp.canon_d is not None:
                 new_cache["canon_D"] = canon_state
             return out
@@ -94,3 +104,36 @@ class Block(nnx.Module):
         else:
             raise ValueError(f"unknown norm placement {placement!r}")
         return x, new_cache
+
+
+def _adapter(m: ModelConfig, spec: LayerSpec, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
+             own_router: bool = True) -> LowRankAdapter:
+    a = m.adapter
+    return LowRankAdapter(d_in, d_out, rank=a.rank, alpha=a.alpha, rslora=a.rslora, experts=spec.experts,
+                          top_k=a.top_k, renormalize_top1=a.renormalize_top1, dropout=a.dropout, rngs=rngs,
+                          axes=axes, router=own_router)
+
+
+def make_attention_adapters(m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs) -> dict[str, LowRankAdapter]:
+    """The adapters of the targeted attention projections (in, out widths as the projection's)."""
+    if m.adapter.kind == "none":
+        return {}
+    q_width, kv_width = m.num_heads * head_dim(m), kv_heads(m) * head_dim(m)
+    shapes = {"q": (m.d_model, q_width, ("embed", "heads")), "k": (m.d_model, kv_width, ("embed", "kv_heads")),
+              "v": (m.d_model, kv_width, ("embed", "kv_heads")), "o": (q_width, m.d_model, ("heads", "embed"))}
+    return {name: _adapter(m, spec, d_in, d_out, axes, rngs)
+            for name, (d_in, d_out, axes) in shapes.items() if name in m.adapter.targets}
+
+
+def make_mlp_adapters(m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs) -> tuple[dict[str, LowRankAdapter], Router | None]:
+    """The MLP's adapters, and MoLE's router shared by them (MoLA gives each its own)."""
+    if m.adapter.kind == "none":
+        return {}, None
+    shared = m.adapter.kind == "mole"
+    router = Router(m.d_model, spec.experts, top_k=m.adapter.top_k, renormalize_top1=m.adapter.renormalize_top1,
+                    rngs=rngs, in_axis="embed") if shared else None
+    shapes = {"up": (m.d_model, d_ff(m), ("embed", "mlp")), "down": (d_ff(m), m.d_model, ("mlp", "embed"))}
+    if m.mlp in GATED_ACTIVATIONS:  # "gate" exists only in gated MLPs
+        shapes["gate"] = (m.d_model, d_ff(m), ("embed", "mlp"))
+    return {name: _adapter(m, spec, d_in, d_out, axes, rngs, own_router=not shared)
+            for name, (d_in, d_out, axes) in shapes.items() if name in m.adapter.targets}, router

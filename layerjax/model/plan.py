@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from layerjax.config import CHOICES, ConfigError, ModelConfig
+from layerjax.config import CHOICES, ConfigError, ModelConfig, layer_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class LayerSpec:
     canon: str = ""  # canon-layer positions, a subset of "ABCD" in that order
     # Multiplies the init std of the value, attention-output and MLP weights (DeepNorm's beta).
     init_scale: float = 1.0
+    experts: int = 0  # LoRA experts on each adapted projection (mola/mole); 0: plain LoRA or none
 
 
 # The window of a layer without one: longer than any sequence, and exact in float32.
@@ -150,9 +151,10 @@ def layer_schemes(m: ModelConfig) -> list[str]:
 def build_plan(m: ModelConfig) -> Plan:
     canon = "".join(sorted(m.canon))
     specs, scalars = [], {"layer_index": [], **{name: [] for name in SCALAR_DEFAULTS}}
-    schemes, windows = layer_schemes(m), layer_windows(m)
+    schemes, windows, experts = layer_schemes(m), layer_windows(m), layer_experts(m)
     for layer, scheme in enumerate(schemes):
         spec, values = scheme_layer(scheme, layer, m.num_layers, canon, m.deepnorm_alpha)
+        spec = dataclasses.replace(spec, experts=experts[layer])
         values = {"window": windows[layer], **values}
         specs.append(spec)
         scalars["layer_index"].append(float(layer))

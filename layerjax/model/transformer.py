@@ -9,6 +9,7 @@ from flax import nnx
 from layerjax.config import ModelConfig, head_dim, kv_heads
 from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
+from layerjax.layers.adapters import pool_router_stats
 from layerjax.layers.attention import Context, KVCache, softcap
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
@@ -54,26 +55,30 @@ class LayerStack(nnx.Module):
 
         def layer(x, per_layer):
             layer_params, layer_scalars, layer_cache = per_layer
-            y, layer_cache = nnx.merge(graphdef, layer_params)(x, layer_scalars, ctx, layer_cache)
+            block = nnx.merge(graphdef, layer_params)
+            y, layer_cache = block(x, layer_scalars, ctx, layer_cache)
+            # Router statistics of LoRA-expert layers are scan outputs, like the probes.
+            router = pool_router_stats(nnx.pop(block, nnx.Intermediate))
             y = constrain(y, RESIDUAL_AXES)
             if skip_layer is not None:
                 y = jnp.where(layer_scalars["layer_index"] == skip_layer, x, y)
             if probe == "stats":
-                return y, (layer_cache, residual_stats(x, y))
-            return y, (layer_cache, y if probe == "hidden" else None)
+                return y, (layer_cache, residual_stats(x, y), router)
+            return y, (layer_cache, y if probe == "hidden" else None, router)
 
         if remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
         per_layer = (params, scalars, cache)
         if scan:
-            x, (cache, probes) = jax.lax.scan(layer, x_BxLxD, per_layer)
-            return x, cache, probes
-        # Unrolled path for debugging: the same stacked parameters, sliced one layer at a time.
-        x, outputs = x_BxLxD, []
-        for i in range(self.num_layers):
-            x, out = layer(x, jax.tree.map(lambda a: a[i], per_layer))
-            outputs.append(out)
-        cache, probes = jax.tree.map(lambda *c: jnp.stack(c), *outputs)
+            x, (cache, probes, router) = jax.lax.scan(layer, x_BxLxD, per_layer)
+        else:  # unrolled, for debugging: the same stacked parameters, sliced one layer at a time
+            x, outputs = x_BxLxD, []
+            for i in range(self.num_layers):
+                x, out = layer(x, jax.tree.map(lambda a: a[i], per_layer))
+                outputs.append(out)
+            cache, probes, router = jax.tree.map(lambda *c: jnp.stack(c), *outputs)
+        if router is not None:
+            self.sow(nnx.Intermediate, "router", router)  # read back with `router_stats`
         return x, cache, probes
 
 
@@ -91,19 +96,23 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, list[KVCache] | None]:
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, list[KVCache] | None]:
         """Returns float32 logits [B, L, V] and, when a cache is given, the updated cache."""
-        logits, cache, _ = self.forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index)
+        logits, cache, _ = self.forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index,
+                                        dropout_key=dropout_key)
         return logits, cache
 
     def forward(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                 segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
                 cache_index: jax.Array | None = None, *, probe: str | None = None,
-                skip_layer: jax.Array | None = None):
+                skip_layer: jax.Array | None = None, dropout_key: jax.Array | None = None):
         """`__call__` plus per-layer probes: returns (logits, cache, probes) where probes is None,
         for probe="stats" a dict of [num_layers] arrays (see `residual_stats`), or for
         probe="hidden" the residual stream [num_layers + 1, B, L, D] entering each layer and
-        leaving the last. skip_layer: that layer (a traced index) acts as the identity."""
+        leaving the last. skip_layer: that layer (a traced index) acts as the identity.
+        dropout_key: adapter dropout (training); None: none. Models with LoRA experts sow their
+        per-layer router statistics, read back with `router_stats(model)`."""
         m = self.config
         dtype = jnp.dtype(m.dtype)
         batch, length = tokens_BxL.shape
@@ -112,7 +121,7 @@ class Transformer(nnx.Module):
             positions_BxL = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
         if not m.document_mask:
             segment_ids_BxL = None
-        ctx = Context(positions_BxL, segment_ids_BxL, cache_index)
+        ctx = Context(positions_BxL, segment_ids_BxL, cache_index, dropout_key)
         x = self.embed(tokens_BxL, dtype)
         if self.positions is not None:
             x = x + self.positions(positions_BxL, dtype)
@@ -155,3 +164,11 @@ class Transformer(nnx.Module):
                 cache[f"canon_{position}"] = jnp.zeros((n, batch, m.canon_kernel - 1, widths[position]), dtype)
             caches.append(cache)
         return caches
+
+
+def router_stats(model: Transformer) -> list[dict[str, jax.Array]]:
+    """Pops the router statistics the last forward pass sowed: per segment with routers, a dict of
+    [layers, ...] arrays (probs, assigned, z, balance, entropy). Empty without LoRA experts."""
+    sown = nnx.pop(model, nnx.Intermediate)
+    stacks = sown.to_pure_dict().get("stacks", {})
+    return [value["router"][0] for _, value in sorted(stacks.items()) if "router" in value]

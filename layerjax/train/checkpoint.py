@@ -172,7 +172,11 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None, overrides=())
 
 def load_params(run_dir: str | pathlib.Path, setup, step: int | None = None):
     """The parameters of run_dir's checkpoint `step` (default: the latest), read into `setup`'s
-    shardings; the shapes must match setup's model. Returns (params, step)."""
+    shardings; the shapes must match setup's model. Returns (params, step).
+    For a fine-tune (see layerjax.train.finetune) these are its base's weights plus its adapters."""
+    from layerjax.train.finetune import frozen_base, is_finetune
+    from layerjax.train.step import join_trainable, split_trainable
+
     checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
     try:
         step = checkpointer.latest_step() if step is None else step
@@ -181,7 +185,14 @@ def load_params(run_dir: str | pathlib.Path, setup, step: int | None = None):
         if not (checkpointer.directory / str(step)).is_dir():
             raise FileNotFoundError(f"no checkpoint for step {step} in {checkpointer.directory}; "
                                     f"it has steps {sorted(checkpointer.manager.all_steps())}")
-        params = checkpointer.restore_params(step, setup.abstract_state.params, setup.state_shardings.params)
+        m = setup.cfg.model
+        if is_finetune(m):  # the run's checkpoint holds the adapters; the base comes from its run
+            abstract, shardings = (split_trainable(t, m)[0] for t in (setup.abstract_state.params,
+                                                                    setup.state_shardings.params))
+            params = join_trainable(checkpointer.restore_params(step, abstract, shardings),
+                                    frozen_base(setup, pathlib.Path(run_dir)))
+        else:
+            params = checkpointer.restore_params(step, setup.abstract_state.params, setup.state_shardings.params)
     finally:
         checkpointer.close()
     return params, step

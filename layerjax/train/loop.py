@@ -19,14 +19,16 @@ from layerjax.config import Config, to_toml
 from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
 from layerjax.diagnostics.layers import layer_eval, make_layer_eval_steps, make_layer_stats_step
-from layerjax.diagnostics.plots import plot_layers
+from layerjax.diagnostics.plots import plot_expert_usage, plot_layers
+from layerjax.diagnostics.router import ROUTER_SERIES, router_log
 from layerjax.train.checkpoint import Checkpointer, load_params
+from layerjax.train.finetune import checkpoint_view, frozen_base, is_finetune, new_finetune_state
 from layerjax.train.flops import flops_per_token, measure_peak_flops
 from layerjax.train.metrics import MetricsWriter, read_metrics
 from layerjax.train.plots import plot_curves
 from layerjax.train.state import (Setup, build_setup, init_state, jit_params_step, jit_train_step, resolve_vocab,
                                   state_from_params)
-from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, make_eval_step
+from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, join_trainable, make_eval_step
 
 
 MAX_BUCKET = 64  # answer buckets (Depo hops, Mano length, ...) gathered across processes
@@ -124,10 +126,19 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     train_iter = data.train_iterator()
     eval_batches = data.eval_batches()
     resumed_from = checkpointer.latest_step()
+    finetune = is_finetune(cfg.model)
     if resumed_from is not None and checkpointer.has_train_state(resumed_from):
-        state, data_state = checkpointer.restore(resumed_from, setup.abstract_state, setup.state_shardings)
+        # A fine-tune's checkpoint holds its adapters only; the frozen base is read back from its run.
+        state, data_state = checkpointer.restore(resumed_from, checkpoint_view(setup.abstract_state, cfg.model),
+                                                 checkpoint_view(setup.state_shardings, cfg.model))
+        if finetune:
+            state = state.replace(params=join_trainable(state.params, frozen_base(setup, run_dir)))
         if data_state is not None:
             train_iter.set_state(data_state)
+    elif finetune:
+        state = new_finetune_state(setup, run_dir, is_main)
+        if is_main and cfg.train.init_from:
+            print(f"layerjax: fine-tuning adapters on the frozen base {cfg.train.init_from}", flush=True)
     elif resumed_from is not None:  # weights only (an imported model): fresh optimizer and data
         params = checkpointer.restore_params(resumed_from, setup.abstract_state.params, setup.state_shardings.params)
         state = state_from_params(setup, params, cfg.train.seed, resumed_from)
@@ -191,7 +202,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
 
     def save(at: int):
         nonlocal last_saved
-        checkpointer.save(at, state, train_iter.get_state())
+        checkpointer.save(at, checkpoint_view(state, cfg.model), train_iter.get_state())
         last_saved = at
 
     with StopRequest() as stop:
@@ -212,7 +223,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                     check_finite(pending)
                     elapsed = time.perf_counter() - window_start
                     tokens_per_sec = window_steps * tokens_per_step / elapsed
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                    values = jax.device_get(metrics)
+                    router = {k: values.pop(k) for k in ROUTER_SERIES if k in values}
+                    values = {k: float(v) for k, v in values.items() if k != "finite"}
+                    if router and writer:  # per layer: each expert's share of assignments, router entropy
+                        writer.write(step, "router", router_log(router))
                     values.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / window_steps,
                                   mfu=model_flops_per_step * window_steps / elapsed / peak)
                     if step > cfg.train.log_every or resumed_from is not None:
@@ -274,6 +289,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["plot"] = str(plot_curves(run_dir, summary.get("chance_accuracy")))
+        experts_plot = plot_expert_usage(run_dir)
+        if experts_plot is not None:
+            summary["experts_plot"] = str(experts_plot)
         layers_plot = plot_layers(run_dir)
         if layers_plot is not None:
             summary["layers_plot"] = str(layers_plot)

@@ -16,7 +16,7 @@ from layerjax.config import Config, ConfigError
 from layerjax.model.plan import Plan, build_plan
 from layerjax.model.transformer import Transformer
 from layerjax.train.optimizer import build_optimizer
-from layerjax.train.step import TrainState, make_eval_step, make_train_step
+from layerjax.train.step import TrainState, join_trainable, make_eval_step, make_train_step, split_trainable
 
 
 def resolve_vocab(cfg: Config, data_vocab: int) -> Config:
@@ -52,10 +52,15 @@ def _make_state(cfg: Config, plan: Plan, tx: optax.GradientTransformation, seed:
     model = Transformer(cfg.model, nnx.Rngs(params=seed), plan)
     # Drawn in float32, stored in model.param_dtype: the abstract state, the shardings, the
     # optimizer state and checkpoints all follow from this one cast.
+    # Adapters always train in float32; a frozen base may be held in bfloat16.
     param_dtype = jnp.dtype(cfg.model.param_dtype)
-    params = jax.tree.map(lambda p: p.astype(param_dtype), nnx.state(model, nnx.Param))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed + 1)))
+    trainable, frozen = split_trainable(nnx.state(model, nnx.Param), cfg.model)
+    if frozen is None:
+        trainable = jax.tree.map(lambda p: p.astype(param_dtype), trainable)
+    else:
+        frozen = jax.tree.map(lambda p: p.astype(param_dtype), frozen)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=join_trainable(trainable, frozen),
+                      opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(seed + 1)))
 
 
 def build_setup(cfg: Config) -> Setup:
@@ -94,7 +99,8 @@ def init_state(setup: Setup, seed: int) -> TrainState:
 def state_from_params(setup: Setup, params: nnx.State, seed: int, step: int = 0) -> TrainState:
     """A train state around given (already sharded) parameters: a fresh optimizer state, for
     training that starts from imported or pretrained weights."""
-    make = jax.jit(lambda p: TrainState(step=jnp.asarray(step, jnp.int32), params=p, opt_state=setup.tx.init(p),
+    make = jax.jit(lambda p: TrainState(step=jnp.asarray(step, jnp.int32), params=p,
+                                        opt_state=setup.tx.init(split_trainable(p, setup.cfg.model)[0]),
                                         rng=jax.random.key_data(jax.random.key(seed + 1))),
                    out_shardings=setup.state_shardings)
     with setup.mesh:

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from layerjax.config import Config
+from layerjax.model.transformer import router_stats
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("inputs", "positions", "segment_ids")
@@ -29,52 +30,91 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints store it as an ordinary array
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction, all [B, L]."""
+def is_adapter_path(path, _=None) -> bool:
+    """Whether a parameter path lies in an adapter or a router (where LoRAParam and RouterParam
+    live); by path, so that it also splits trees of shardings or shapes."""
+    return any(getattr(key, "key", key) in ("adapters", "router") for key in path)
+
+
+def split_trainable(params: nnx.State, m) -> tuple[nnx.State, nnx.State | None]:
+    """(trainable, frozen), for params or any tree shaped like them (shardings, shapes). With
+    adapters (model.adapter.kind != none) only the LoRA and router weights train: the base is
+    frozen, gets no gradient at all and no optimizer state."""
+    if m.adapter.kind == "none":
+        return params, None
+    return nnx.split_state(params, is_adapter_path, ...)
+
+
+def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
+    return trainable if frozen is None else nnx.merge_state(trainable, frozen)
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
+    """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction, all [B, L], and
+    the router statistics per segment with LoRA experts (see `router_stats`)."""
     model = nnx.merge(graphdef, params)
-    logits_BxLxV, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits_BxLxV, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z_BxL - target_logit_BxL, log_z_BxL, jnp.argmax(logits_BxLxV, axis=-1)
+    return log_z_BxL - target_logit_BxL, log_z_BxL, jnp.argmax(logits_BxLxV, axis=-1), router_stats(model)
 
 
-def _weighted_sums(graphdef, params, batch: Batch, z_loss: float):
+def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None):
     """Sums over weighted tokens; the caller divides by the total weight of the whole batch, so
-    that microbatching gives the same loss and gradient as one big batch."""
-    ce, log_z, predictions = token_losses(graphdef, params, batch)
+    that microbatching gives the same loss and gradient as one big batch. The router losses are
+    per batch, so they enter weighted by this batch's token weight."""
+    ce, log_z, predictions, routers = token_losses(graphdef, params, batch, dropout_key)
     w = batch["weights"]
     ce_sum = jnp.sum(w * ce)
     z_sum = jnp.sum(w * jnp.square(log_z))
-    stats = {"ce_sum": ce_sum, "z_sum": z_sum, "weight": jnp.sum(w),
+    weight = jnp.sum(w)
+    stats = {"ce_sum": ce_sum, "z_sum": z_sum, "weight": weight,
              "correct": jnp.sum(w * (predictions == batch["targets"]))}
-    return ce_sum + z_loss * z_sum, stats
+    total = ce_sum + cfg.train.z_loss * z_sum
+    if routers:  # per layer: balance summed over layers, router z-loss averaged
+        balance = sum(jnp.sum(r["balance"]) for r in routers)
+        router_z = sum(jnp.sum(r["z"]) for r in routers) / sum(r["z"].shape[0] for r in routers)
+        a = cfg.model.adapter
+        total = total + (a.balance_loss * balance + a.router_z_loss * router_z) * weight
+        stats.update(balance_sum=balance * weight, router_z_sum=router_z * weight,
+                     # per segment [layers, experts] and [layers], for the usage log and heatmap
+                     usage_sums=[r["assigned"] * weight for r in routers],
+                     entropy_sums=[r["entropy"] * weight for r in routers])
+    return total, stats
 
 
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
-    microbatches, z_loss = cfg.train.microbatches, cfg.train.z_loss
-    grad_fn = jax.grad(lambda p, b: _weighted_sums(graphdef, p, b, z_loss), has_aux=True)
+    microbatches = cfg.train.microbatches
+    # Differentiated with respect to the trainable part only: a frozen base costs no gradient.
+    grad_fn = jax.grad(lambda trainable, frozen, b, key: _weighted_sums(
+        graphdef, join_trainable(trainable, frozen), b, cfg, key), has_aux=True)
+    use_dropout = cfg.model.adapter.kind != "none" and cfg.model.adapter.dropout > 0
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         batch = {k: batch[k] for k in LOSS_INPUTS}
+        trainable, frozen = split_trainable(state.params, cfg.model)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if use_dropout else None
         if microbatches == 1:
-            grads, stats = grad_fn(state.params, batch)
+            grads, stats = grad_fn(trainable, frozen, batch, key)
         else:
             split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
 
-            def accumulate(carry, microbatch):
-                grads, stats = grad_fn(state.params, microbatch)
+            def accumulate(carry, indexed):
+                index, microbatch = indexed
+                sub_key = None if key is None else jax.random.fold_in(key, index)
+                grads, stats = grad_fn(trainable, frozen, microbatch, sub_key)
                 return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                     {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "z_sum", "weight", "correct")})
-            (grads, stats), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+            _, zero_stats = jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[:1], batch), key))
+            zeros = (jax.tree.map(jnp.zeros_like, trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
+            (grads, stats), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
         weight = jnp.maximum(stats["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = stats["ce_sum"] / weight
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = join_trainable(optax.apply_updates(trainable, updates), frozen)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         # A non-finite update never reaches the state; the loop then stops or goes on (config).
         # The step counter advances either way, so the schedule and the data stay in step.
@@ -84,6 +124,10 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,
                    "finite": finite}
+        if "balance_sum" in stats:
+            metrics.update(router_balance=stats["balance_sum"] / weight, router_z=stats["router_z_sum"] / weight,
+                           expert_usage=[u / weight for u in stats["usage_sums"]],
+                           router_entropy=[e / weight for e in stats["entropy_sums"]])
         return new_state, metrics
 
     return train_step
@@ -91,7 +135,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
 def make_eval_step(graphdef: nnx.GraphDef):
     def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
-        ce, _, predictions = token_losses(graphdef, params, batch)
+        ce, _, predictions, _ = token_losses(graphdef, params, batch)
         w = batch["weights"]
         return {"ce_sum": jnp.sum(w * ce), "weight": jnp.sum(w), "predictions": predictions}
 
