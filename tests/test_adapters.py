@@ -231,3 +231,37 @@ def test_finetune_on_a_base_run_checkpoints_only_adapters_and_resumes_exactly(tm
         tuned_leaves["stacks.1.blocks.attn.wq"][0], base_leaves["stacks.0.blocks.attn.wq"][1])
     with pytest.raises(ConfigError, match="is a different model: model.d_model"):
         train(config(*finetune, "model.d_model=64", f"train.run_dir={tmp_path / 'wrong'}"))
+
+
+def test_lora_fine_tune_exports_merged_and_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from layerjax.config import to_toml
+    from layerjax.interop import UnsupportedModelError, export_hf
+    from layerjax.train.checkpoint import Checkpointer, load_run
+    from layerjax.train.loop import train
+
+    run = ["data.source=synthetic_random", "data.synthetic_vocab=64", "train.eval_every=0", "logging.progress=false",
+           "logging.tensorboard=false", "checkpoint.async_save=false", "model.init_std=0.2"]
+    base_cfg = config(*run, f"train.run_dir={tmp_path / 'base'}")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.toml").write_text(to_toml(base_cfg))
+    checkpointer = Checkpointer(tmp_path / "base", base_cfg.checkpoint)
+    checkpointer.save(0, init_state(build_setup(base_cfg), 0), {})
+    checkpointer.close()
+    tuned = config(*run, "model.adapter.kind=lora", "model.adapter.targets=q,o,up,down", "optim.lr=0.05",
+                   f"train.init_from={tmp_path / 'base'}", f"train.run_dir={tmp_path / 'lora'}", "train.steps=2")
+    train(tuned)
+    assert export_hf(tmp_path / "lora", tmp_path / "out")["family"] == "llama"
+    cfg, setup, params, _ = load_run(tmp_path / "lora")
+    ours = nnx.merge(setup.graphdef, params)(TOKENS)[0]  # base + unmerged adapters
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = reloaded(torch.from_numpy(np.array(TOKENS)).long()).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+    base_logits = nnx.merge(*base_params_of(cfg, params))(TOKENS)[0]
+    assert np.abs(np.asarray(ours) - np.asarray(base_logits)).max() > 1e-3  # the adapters did change it
+    with pytest.raises(UnsupportedModelError, match="a mixture of LoRA experts routes by input"):
+        (tmp_path / "mola").mkdir()
+        (tmp_path / "mola" / "config.toml").write_text(to_toml(config(*KINDS["mola"])))
+        export_hf(tmp_path / "mola", tmp_path / "out2")

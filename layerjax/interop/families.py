@@ -162,10 +162,9 @@ def export_family(m: ModelConfig, preferred: str | None = None) -> str:
         raise UnsupportedModelError(
             f"model.adapter.kind={m.adapter.kind!r}: a mixture of LoRA experts routes by input, so it cannot be "
             "merged into one weight per projection, and no Hugging Face family has routed experts")
-    if m.adapter.kind == "lora":
-        raise UnsupportedModelError(
-            "model.adapter.kind='lora': fold the adapters into the base first (layerjax.model.merge.merge_lora); "
-            "export does not merge them itself yet")
+    if m.adapter.kind == "lora":  # tools/export_hf.py merges them first
+        raise UnsupportedModelError("model.adapter.kind='lora': merge the adapters into the base first "
+                                    "(layerjax.model.merge.merge_lora)")
     if m.layer_norms:
         raise UnsupportedModelError(
             f"model.layer_norms={list(m.layer_norms)} (per-layer norm schemes) has no Hugging Face equivalent")

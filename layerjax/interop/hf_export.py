@@ -30,10 +30,11 @@ _CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 class _GroupCache:
     """The parameters of one group (those a set of Hugging Face tensors reads, e.g. all layers'
-    `wq`), restored on demand, so that an export holds one group of weights at a time."""
+    `wq`), fetched on demand by `fetch(paths) -> {path: array}`, so that an export restoring from a
+    checkpoint holds one group of weights at a time."""
 
-    def __init__(self, checkpointer, step: int, abstract_leaves: dict):
-        self.checkpointer, self.step, self.abstract = checkpointer, step, abstract_leaves
+    def __init__(self, fetch):
+        self.fetch = fetch
         self.paths: tuple[str, ...] = ()
         self.arrays: dict[str, np.ndarray] = {}
 
@@ -41,8 +42,7 @@ class _GroupCache:
         paths = tuple(path for path, _ in binding.targets)
         if not set(paths) <= set(self.paths):
             self.arrays = {}  # drop the previous group before reading the next
-            restored = self.checkpointer.restore_param_leaves(self.step, {p: self.abstract[p] for p in paths})
-            self.arrays = {path: np.asarray(array) for path, array in restored.items()}
+            self.arrays = {path: np.asarray(array) for path, array in self.fetch(paths).items()}
             self.paths = paths
         return [self.arrays[path] if slot is None else self.arrays[path][slot] for path, slot in binding.targets]
 
@@ -67,7 +67,8 @@ def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, step: in
               dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Writes the checkpoint `step` (default: the latest) of run_dir as a Hugging Face directory in
     `dtype` (default: the run's parameter dtype). Returns a small report."""
-    from layerjax.train.checkpoint import Checkpointer
+    from layerjax.model.merge import merge_lora, merged_config
+    from layerjax.train.checkpoint import Checkpointer, load_run
     from layerjax.train.state import build_setup
 
     started = time.perf_counter()
@@ -78,12 +79,13 @@ def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, step: in
     cfg = dataclasses.replace(load_config(str(run_dir / "config.toml")), mesh=MeshConfig(num_devices=1))
     source = _hf_source(run_dir)
     original = json.loads((source / "config.json").read_text()) if source else {}
-    # Refuse an unexportable model before loading any weights.
-    family = families.export_family(cfg.model, preferred=original.get("model_type"))
+    # Plain LoRA is folded into its base first; everything else is refused before any weight is read.
+    lora = cfg.model.adapter.kind == "lora"
+    model = merged_config(cfg.model) if lora else cfg.model
+    family = families.export_family(model, preferred=original.get("model_type"))
     dtype = dtype or cfg.model.param_dtype
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
-    setup = build_setup(cfg)
     checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
     step = checkpointer.latest_step() if step is None else step
     if step is None or not (checkpointer.directory / str(step)).is_dir():
@@ -91,12 +93,18 @@ def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, step: in
         checkpointer.close()
         raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint {'' if step is None else step} "
                                 f"to export (steps present: {found})")
-    config = families.hf_config(cfg.model, family)
+    setup = build_setup(dataclasses.replace(cfg, model=model))
+    leaves = param_leaves(setup.abstract_state.params)
+    if lora:  # base + adapters, merged in memory (a base and a rank-r delta: about one model copy)
+        merged = param_leaves(merge_lora(cfg.model, load_run(run_dir, step)[2]))
+        fetch = lambda paths: {p: merged[p] for p in paths}
+    else:
+        fetch = lambda paths: checkpointer.restore_param_leaves(step, {p: leaves[p] for p in paths})
+    config = families.hf_config(model, family)
     config["dtype"] = dtype
     config.update({k: original[k] for k in _CARRIED_KEYS if k in original})
-    leaves = param_leaves(setup.abstract_state.params)
     bindings = bind(families.tensor_rules(family), setup.plan, leaves)
-    cache = _GroupCache(checkpointer, step, leaves)
+    cache = _GroupCache(fetch)
     np_dtype = numpy_dtype(dtype)
     pending = [PendingTensor(b.hf, hf_shape(b, leaves), np_dtype, lambda b=b: b.rule.to_hf(cache.parts(b), xp=np))
                for group in group_bindings(bindings).values() for b in group]  # the index maps any order
