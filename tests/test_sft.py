@@ -184,7 +184,7 @@ BAD_RECORDS = [
 @pytest.mark.parametrize("line,message", BAD_RECORDS)
 def test_bad_records_name_file_line_and_field(tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "ok", "response": "fine"}', "", line])
-    with pytest.raises(DataError, match=re.escape(f"bad.jsonl:3") + ".*" + message):
+    with pytest.raises(DataError, match=re.escape("bad.jsonl:3") + ".*" + message):
         sft.read_records([path], load_config("default").data.sft)
 
 

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from layerjax.config import CheckpointConfig, Config, config_from_dict, to_toml
+from layerjax.config import Config, config_from_dict, to_toml
 from layerjax.interop import families
 from layerjax.interop.mapping import bind, group_bindings, hf_shape, param_leaves, path_name, target_shape
 from layerjax.interop.safetensors_io import CheckpointFormatError, SafetensorsReader, numpy_dtype

@@ -15,8 +15,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from layerjax.config import ConfigError, ModelConfig, load_config
 from layerjax.train.step import TrainState, join_trainable, split_trainable
