@@ -104,3 +104,44 @@ def test_lr_sensitivity_equals_wortsman_formula():
     assert rows["b"]["best_lr"] == 1e-2 and math.isclose(rows["a"]["best_val_loss"], 2.5)
     assert diverged({"status": "finished", "val_loss": 6.0, "initial_val_loss": 5.0})
     assert not diverged({"status": "finished", "val_loss": 4.0, "initial_val_loss": 5.0})
+
+
+def test_variants_set_several_keys_per_cell_and_bad_ones_are_refused(tmp_path):
+    from layerjax.ablation.grid import parse_variants, variant_axis
+
+    variants = parse_variants(["full=model.adapter.kind=none",
+                               "mola=model.adapter.kind=mola model.adapter.experts=2,4 model.adapter.rank=4"])
+    axes = variant_axis(variants) + parse_axes(["seed=0,1"])
+    cells = expand("default", axes, [], tmp_path, variants)
+    assert [c.name for c in cells] == ["variant=full__seed=0", "variant=full__seed=1",
+                                       "variant=mola__seed=0", "variant=mola__seed=1"]
+    mola = cells[3].config.model.adapter
+    assert (mola.kind, mola.experts, mola.rank, cells[3].config.train.seed) == ("mola", ("2", "4"), 4, 1)
+    assert cells[0].config.model.adapter.kind == "none"
+    for bad, match in ((["lora"], "NAME="), (["a b=model.norm=pre"], "NAME="), (["x=model.norm=pre oops"], "oops"),
+                       (["x=model.norm=pre", "x=model.norm=post"], "twice")):
+        with pytest.raises(ConfigError, match=match):
+            parse_variants(bad)
+    with pytest.raises(ConfigError, match="--variant"):
+        parse_axes(["variant=a,b"])
+    with pytest.raises(ConfigError, match="grid cell variant=bad: .*model.adapter.kind"):
+        expand("default", variant_axis(parse_variants(["bad=model.adapter.kind=dora"])), [], tmp_path,
+               parse_variants(["bad=model.adapter.kind=dora"]))
+
+
+def test_report_names_task_columns_and_shows_trainable_params_and_checkpoint_size(tmp_path):
+    from layerjax.ablation.report import write_tables
+
+    cfg = load_config("default")
+    axes = [Axis("variant", ("full", "lora")), Axis("seed", ("0", "1"))]
+    cells, results = [], []
+    for variant, trainable, mib in (("full", 1000, 12.0), ("lora", 50, 0.5)):
+        for seed, acc in (("0", 0.5), ("1", 0.7)):
+            cells.append(Cell((("variant", variant), ("seed", seed)), f"{variant}{seed}", cfg))
+            results.append({"status": "finished", "val_loss": 1.0, "initial_val_loss": 5.0, "val_accuracy": acc,
+                            "val_accuracy_k1": acc, "val_accuracy_k2": 1 - acc, "buckets": {"1": "depo", "2": "mano"},
+                            "tokens_per_sec": 100.0, "trainable_params": trainable, "checkpoint_mib": mib})
+    write_tables(tmp_path, axes, cells, results)
+    table = (tmp_path / "results.md").read_text()
+    assert "| depo | mano | tokens/s | trainable params | checkpoint MiB |" in table
+    assert "| lora | 2 | 0 | 1.000 ± 0.000 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.400 ± 0.141 | 100 | 50 | 0.50 |" in table

@@ -333,3 +333,30 @@ def test_tiny_model_trains_on_sft_and_reports_exact_match(tmp_path):
     assert np.isfinite(summary["val_loss"])
     assert 0 <= summary["val_accuracy"] <= 1
     assert {"val_accuracy_k1", "val_accuracy_k2"} <= set(summary)  # k1=echo, k2=mano
+
+
+def test_generated_records_take_task_lists_and_generator_settings(tmp_path):
+    records = make_records(["mano", "depo"], 40, seed=3, settings={"mano": {"modulus": 7, "max_ops": 1}})
+    assert {r["task"] for r in records} == {"mano", "depo"}
+    for r in records:
+        if r["task"] == "mano":  # one operator mod 7: the response is that operation's value
+            op, a, b = r["prompt"].split(": ")[1].split()
+            assert "mod 7" in r["prompt"] and int(r["response"]) == {"+": int(a) + int(b), "-": int(a) - int(b),
+                                                                   "x": int(a) * int(b)}[op] % 7
+    assert make_records("mix", 9, seed=1) == make_records(["depo", "mano", "brevo"], 9, seed=1)
+    with pytest.raises(ValueError, match="no setting \\['hops'\\]"):
+        make_records("depo", 1, settings={"depo": {"hops": 2}})
+    with pytest.raises(ValueError, match="not among the tasks"):
+        make_records("depo", 1, settings={"mano": {"modulus": 7}})
+    with pytest.raises(ValueError, match="not one of"):
+        make_records(["depo", "sudoku"], 1)
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
+    tool = importlib.import_module("make_sft_data")
+    tool.main(["--task", "depo,mano", "--set", "mano.modulus=7", "--n", "6", "--out", str(tmp_path / "x.jsonl")])
+    assert [json.loads(line) for line in open(tmp_path / "x.jsonl")] == make_records(
+        ["depo", "mano"], 6, settings={"mano": {"modulus": 7}})
+    with pytest.raises(SystemExit):
+        tool.main(["--task", "depo", "--set", "depo.max_hops", "--n", "1", "--out", str(tmp_path / "y.jsonl")])

@@ -7,7 +7,9 @@
 Every combination of --grid values is one training run in <out>/cells/<name>/, run in order.
 Running the same command again skips finished cells and resumes an interrupted one from its
 checkpoint. `seed` sets train.seed and data.seed together; a grid over optim.lr adds the
-learning-rate sensitivity of Wortsman et al. (2023). Writes <out>/results.md, results.csv and
+learning-rate sensitivity of Wortsman et al. (2023). --variant NAME="key=v key=v" (repeatable)
+adds a "variant" axis whose values each set several keys at once, e.g. a fine-tuning method and
+its rank (configs/mola_study.toml). Writes <out>/results.md, results.csv and
 PNG plots (loss curves, per-layer gradient-norm and variance profiles, angular-distance
 heatmaps, layer-removal bars; lr_sensitivity.png for an lr grid). --report redraws them only.
 """
@@ -18,7 +20,7 @@ import argparse
 import pathlib
 import sys
 
-from layerjax.ablation.grid import cell_result, expand, parse_axes, run_grid
+from layerjax.ablation.grid import cell_result, expand, parse_axes, parse_variants, run_grid, variant_axis
 from layerjax.ablation.plots import plot_grid
 from layerjax.ablation.report import write_tables
 from layerjax.config import ConfigError
@@ -29,6 +31,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", "-c", default="ablate_tiny", help="base preset name or .toml path")
     parser.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="one grid axis (repeatable), e.g. model.norm=pre,post or seed=0,1,2")
+    parser.add_argument("--variant", "-v", action="append", default=[], metavar='NAME="KEY=V KEY=V"',
+                        help="one value of the variant axis, setting several keys (repeatable), "
+                             'e.g. lora16="model.adapter.kind=lora model.adapter.rank=16"')
     parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                         help="an override applied to every cell (repeatable)")
     parser.add_argument("--out", "-o", default="runs/ablate", help="output directory")
@@ -36,8 +41,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     try:
-        axes = parse_axes(args.grid)
-        cells = expand(args.config, axes, args.set, out)
+        variants = parse_variants(args.variant)
+        axes = variant_axis(variants) + parse_axes(args.grid)
+        cells = expand(args.config, axes, args.set, out, variants)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from typing import Sequence
 from layerjax.config import Config, ConfigError, load_config, to_toml
 
 SEED_AXIS = "seed"  # shorthand: sets train.seed (init) and data.seed (data order) together
+VARIANT_AXIS = "variant"  # named bundles of overrides (--variant NAME="key=v key=v"), one axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,28 +45,62 @@ def parse_axes(specs: Sequence[str]) -> list[Axis]:
         values = tuple(v.strip() for v in values.split(",") if v.strip())
         if not sep or not key.strip() or not values:
             raise ConfigError(f"--grid '{spec}' is not key=value1,value2,..., e.g. model.norm=pre,post")
+        if key.strip() == VARIANT_AXIS:
+            raise ConfigError("the variant axis is given by --variant NAME=\"key=v key=v\", once per value")
         if any(a.key == key.strip() for a in axes):
             raise ConfigError(f"--grid gives '{key}' twice; put all its values in one --grid")
         axes.append(Axis(key.strip(), values))
     return axes
 
 
-def _overrides(assignment) -> list[str]:
+def parse_variants(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """['lora=model.adapter.kind=lora model.adapter.rank=16', ...] -> {name: overrides}: each
+    variant is one value of the "variant" axis and applies all its whitespace-separated overrides,
+    for cells that differ in several settings at once (a method and its rank, say)."""
+    variants: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        name, overrides = name.strip(), tuple(rest.split())
+        if not sep or not name or any(c in name for c in "/ ,") or "=" not in rest:
+            raise ConfigError(f"--variant '{spec}' is not NAME=\"key=value key=value ...\", e.g. "
+                              "lora16=\"model.adapter.kind=lora model.adapter.rank=16\"")
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"--variant {name}: {bad} are not key=value overrides")
+        if name in variants:
+            raise ConfigError(f"--variant {name} is given twice")
+        variants[name] = overrides
+    return variants
+
+
+def variant_axis(variants: dict[str, tuple[str, ...]]) -> list[Axis]:
+    return [Axis(VARIANT_AXIS, tuple(variants))] if variants else []
+
+
+def _overrides(assignment, variants) -> list[str]:
     out = []
     for key, value in assignment:
-        out += [f"train.seed={value}", f"data.seed={value}"] if key == SEED_AXIS else [f"{key}={value}"]
+        if key == SEED_AXIS:
+            out += [f"train.seed={value}", f"data.seed={value}"]
+        elif key == VARIANT_AXIS:
+            out += list(variants[value])
+        else:
+            out.append(f"{key}={value}")
     return out
 
 
-def expand(preset: str, axes: list[Axis], fixed: Sequence[str], out_dir: pathlib.Path) -> list[Cell]:
-    """Every combination of axis values as a validated config (all checked before anything runs)."""
+def expand(preset: str, axes: list[Axis], fixed: Sequence[str], out_dir: pathlib.Path,
+           variants: dict[str, tuple[str, ...]] | None = None) -> list[Cell]:
+    """Every combination of axis values as a validated config (all checked before anything runs).
+    The "variant" axis takes its values' overrides from `variants`."""
+    variants = variants or {}
     shorts = [a.short for a in axes]
     labels = [a.short if shorts.count(a.short) == 1 else a.key for a in axes]
     cells = []
     for values in itertools.product(*(a.values for a in axes)):
         assignment = tuple(zip((a.key for a in axes), values))
         name = "__".join(f"{label}={v}" for label, v in zip(labels, values)) or "base"
-        overrides = [*fixed, *_overrides(assignment), f"train.run_dir={out_dir / 'cells' / name}"]
+        overrides = [*fixed, *_overrides(assignment, variants), f"train.run_dir={out_dir / 'cells' / name}"]
         try:
             cfg = load_config(preset, overrides)
         except ConfigError as e:

@@ -15,6 +15,13 @@ METRICS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_perplex
            ("val_accuracy", "val exact match"))
 
 
+# Per-run figures reported as a group mean, with their column labels and formats (trainable
+# parameters and checkpoint size only where some run differs from the others: fine-tuning grids).
+EXTRAS = ("tokens_per_sec", "trainable_params", "checkpoint_mib")
+_EXTRA_COLUMNS = {"tokens_per_sec": ("tokens/s", "{:,.0f}"), "trainable_params": ("trainable params", "{:,.0f}"),
+                  "checkpoint_mib": ("checkpoint MiB", "{:.2f}")}
+
+
 def diverged(result: dict) -> bool:
     """Non-finite at some step, or ended with a validation loss above its value at init."""
     if result.get("status") == "diverged":
@@ -47,7 +54,8 @@ def reported_metrics(results: list[dict]) -> list[tuple[str, str]]:
     present = [(k, label) for k, label in METRICS if any(k in r for r in results)]
     buckets = sorted({int(k.removeprefix("val_accuracy_k")) for r in results for k in r
                       if k.startswith("val_accuracy_k")})
-    return present + [(f"val_accuracy_k{b}", f"k={b}") for b in buckets]
+    names = {int(b): name for r in results for b, name in r.get("buckets", {}).items()}  # sft task names
+    return present + [(f"val_accuracy_k{b}", names.get(b, f"k={b}")) for b in buckets]
 
 
 def summary_rows(axes: list[Axis], cells: list[Cell], results: list[dict]) -> list[dict]:
@@ -62,7 +70,8 @@ def summary_rows(axes: list[Axis], cells: list[Cell], results: list[dict]) -> li
         healthy = [r for r in group if not diverged(r)]
         for metric, _ in present:
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r.get(metric, math.nan) for r in healthy])
-        row["tokens_per_sec"] = _mean_std([r.get("tokens_per_sec", math.nan) for r in group])[0]
+        for extra in EXTRAS:
+            row[extra] = _mean_std([r.get(extra, math.nan) for r in group])[0]
         rows.append(row)
     return rows
 
@@ -96,13 +105,15 @@ def write_tables(out_dir: pathlib.Path, axes: list[Axis], cells: list[Cell], res
     rows = summary_rows(axes, cells, results)
     group_axes = [a.key for a in axes if a.key != SEED_AXIS]
     metrics = reported_metrics(results)
+    extras = ["tokens_per_sec"] + [e for e in EXTRAS[1:]
+                                   if len({r.get(e) for r in results if math.isfinite(r.get(e, math.nan))}) > 1]
     header = [*(k.rsplit(".", 1)[-1] for k in group_axes), "runs", "diverged",
-              *(label for _, label in metrics), "tokens/s"]
+              *(label for _, label in metrics), *(_EXTRA_COLUMNS[e][0] for e in extras)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells_md = [row[k] for k in group_axes] + [str(row["runs"]), str(row["diverged"])]
         cells_md += [_fmt(row[f"{k}_mean"], row[f"{k}_std"]) for k, _ in metrics]
-        cells_md.append(f"{row['tokens_per_sec']:,.0f}")
+        cells_md += ["—" if not math.isfinite(row[e]) else _EXTRA_COLUMNS[e][1].format(row[e]) for e in extras]
         lines.append("| " + " | ".join(cells_md) + " |")
     seeds = next((a.values for a in axes if a.key == SEED_AXIS), ())
     text = [f"# Ablation results\n\nmean ± std over seeds {', '.join(seeds) or '(one run)'}; a run counts as "

@@ -37,6 +37,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_bytes(self, step: int) -> int:
+        """Bytes on disk of one saved step (for reports: a fine-tune's adapter checkpoint size)."""
+        return sum(f.stat().st_size for f in (self.directory / str(step)).rglob("*") if f.is_file())
+
     def has_train_state(self, step: int) -> bool:
         """False for a weights-only checkpoint (see `ParamsWriter`): full ones always have `data`."""
         return (self.directory / str(step) / "data").is_dir()

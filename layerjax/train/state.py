@@ -47,6 +47,11 @@ class Setup:
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
 
+    @property
+    def num_trainable(self) -> int:
+        """Parameters that get gradients: all of them, or a fine-tune's adapters and routers."""
+        return sum(x.size for x in jax.tree.leaves(split_trainable(self.abstract_state.params, self.cfg.model)[0]))
+
 
 def _make_state(cfg: Config, plan: Plan, tx: optax.GradientTransformation, seed: int) -> TrainState:
     model = Transformer(cfg.model, nnx.Rngs(params=seed), plan)
