@@ -40,6 +40,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
     "model.adapter.kind": ("none", "lora", "mola", "mole"),
     "model.adapter.targets": ("q", "k", "v", "o", "gate", "up", "down"),
+    "model.recursion.pattern": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
+    "model.recursion.lora_targets": ("q", "k", "v", "o", "gate", "up", "down"),
     "data.source": ("depo", "brevo", "mano", "recall", "synthetic_random", "text", "sft"),
     "data.sft.template": ("simple", "jinja"),
     "data.sft.overlong": ("drop", "truncate", "error"),
@@ -72,6 +74,26 @@ class AdapterConfig:
     renormalize_top1: bool = False
     balance_loss: float = 0.0  # coefficient of the per-layer load-balancing loss (MoLA's code: 0.001)
     router_z_loss: float = 0.0  # coefficient of the routers' mean squared log-partition
+
+
+@dataclass(frozen=True)
+class RecursionConfig:
+    """Recursive shared blocks (Relaxed Recursive Transformers, Bae et al. 2025): num_layers depths
+    run by `blocks` unique blocks, each applied several times, optionally relaxed per depth by LoRA."""
+
+    blocks: int = 0  # unique shared blocks K; 0: no sharing (every depth its own layer)
+    # Which block depth l runs, R = depths / K: "cycle" l mod K (the stack of K looped R times);
+    # "sequence" floor(l / R) (each block R times in a row); "middle_*" the same over depths
+    # 1..L-2, with the first and the last layer unshared.
+    pattern: str = "cycle"
+    # Per-depth relaxation W_shared x + B_l A_l x (scale 1) on these projections; 0: none.
+    lora_rank: int = 0  # rank on the attention projections (q, k, v, o)
+    lora_rank_mlp: int = -1  # rank on the MLP projections (gate, up, down); -1: lora_rank
+    lora_targets: tuple[str, ...] = ADAPTER_TARGETS
+    # Early exit: extra losses on the shared head (through the final norm) after these depths
+    # (counted in layers run, 1..num_layers-1), or "loops" for after every loop but the last.
+    exits: tuple[str, ...] = ()
+    exit_weights: tuple[str, ...] = ()  # one weight per exit, or one for all (default 1); the last layer's loss weighs 1
 
 
 @dataclass(frozen=True)
@@ -142,6 +164,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
     param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
 
 
 @dataclass(frozen=True)
@@ -581,6 +604,7 @@ def validate(cfg: Config) -> None:
     if len(set(m.bias_projections)) != len(m.bias_projections):
         raise ConfigError(f"model.bias_projections={list(m.bias_projections)} names a projection twice")
     _validate_adapter(m)
+    _validate_recursion(m)
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
@@ -657,6 +681,68 @@ def _validate_adapter(m: ModelConfig) -> None:
                               f"layer ({min(counts)})")
         if a.kind == "mole" and a.top_k != 1:
             raise ConfigError("model.adapter.kind='mole' routes each token to one expert: set model.adapter.top_k=1")
+
+
+def _validate_recursion(m: ModelConfig) -> None:
+    r = m.recursion
+    if r.blocks < 0 or r.lora_rank < 0 or r.lora_rank_mlp < -1:
+        raise ConfigError(f"model.recursion: blocks={r.blocks}, lora_rank={r.lora_rank} must be >= 0 and "
+                          f"lora_rank_mlp={r.lora_rank_mlp} >= -1")
+    if not r.blocks:
+        if r.lora_rank or r.lora_rank_mlp > 0 or r.exits:
+            raise ConfigError("model.recursion.lora_rank / lora_rank_mlp / exits need shared blocks: set "
+                              "model.recursion.blocks (e.g. 3 for 6 layers in 2 loops)")
+        return
+    shared = m.num_layers - (2 if r.pattern.startswith("middle") else 0)
+    if shared < r.blocks or shared % r.blocks:
+        where = "model.num_layers" if shared == m.num_layers else "model.num_layers - 2 (the middle layers)"
+        raise ConfigError(f"model.recursion.blocks={r.blocks} must divide {where} = {shared}: each block runs "
+                          f"the same number of times; e.g. blocks={_divisor_hint(shared)}")
+    exits, weights = recursion_exits(m), r.exit_weights
+    if len(weights) > 1 and len(weights) != len(exits):
+        raise ConfigError(f"model.recursion.exit_weights has {len(weights)} entries for {len(exits)} exits "
+                          f"(depths {exits}); give one weight per exit, one for all, or none")
+    exit_weights(m)
+
+
+def _divisor_hint(n: int) -> str:
+    return " or ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d < n) or "1"
+
+
+def recursion_exits(m: ModelConfig) -> list[int]:
+    """Depths (layers run, 1..num_layers-1) after which an early-exit loss is taken, sorted."""
+    r = m.recursion
+    if not r.exits:
+        return []
+    if list(r.exits) == ["loops"]:
+        shared = m.num_layers - (2 if r.pattern.startswith("middle") else 0)
+        loops = shared // r.blocks
+        if r.pattern.endswith("sequence"):  # a loop is not a contiguous run of depths here
+            raise ConfigError("model.recursion.exits='loops' needs a cycle pattern; give exit depths instead")
+        first = 1 if r.pattern.startswith("middle") else 0
+        return [first + r.blocks * (i + 1) for i in range(loops - 1)]
+    try:
+        depths = [int(e) for e in r.exits]
+    except ValueError:
+        raise ConfigError(f"model.recursion.exits={list(r.exits)} must be depths (whole numbers) or 'loops'") from None
+    if sorted(set(depths)) != depths or not all(1 <= d < m.num_layers for d in depths):
+        raise ConfigError(f"model.recursion.exits={depths} must be increasing depths between 1 and "
+                          f"model.num_layers - 1 = {m.num_layers - 1} (the last layer's output is always trained)")
+    return depths
+
+
+def exit_weights(m: ModelConfig) -> list[float]:
+    """One loss weight per early exit (recursion_exits order); 1 each unless set, and a single
+    value applies to every exit."""
+    weights, count = m.recursion.exit_weights, len(recursion_exits(m))
+    try:
+        values = [float(w) for w in weights] if weights else [1.0] * count
+        values = values * count if len(values) == 1 else values
+    except ValueError:
+        raise ConfigError(f"model.recursion.exit_weights={list(weights)} must be numbers") from None
+    if any(w < 0 for w in values):
+        raise ConfigError(f"model.recursion.exit_weights={values} must be >= 0")
+    return values
 
 
 def layer_experts(m: ModelConfig) -> list[int]:

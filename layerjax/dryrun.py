@@ -8,7 +8,7 @@ import numpy as np
 from layerjax import sharding
 from layerjax.config import Config
 from layerjax.data.pipeline import build_data
-from layerjax.train.flops import flops_per_token, matmul_params
+from layerjax.train.flops import flops_per_token, matmul_params, relax_matmul_params, unique_matmul_params
 from layerjax.train.state import build_setup, resolve_vocab
 
 
@@ -27,8 +27,14 @@ def dry_run_report(cfg: Config) -> str:
     setup = build_setup(cfg)
     m = cfg.model
     state = setup.abstract_state
+    if m.recursion.blocks:  # shared blocks exist once but run at several depths
+        params_line = (f"parameters           {setup.num_params:,} unique ({unique_matmul_params(m):,} in matmuls); "
+                       f"effective {matmul_params(m) + relax_matmul_params(m):,} in matmuls per token "
+                       f"({m.recursion.blocks} shared block(s), {m.recursion.pattern})")
+    else:
+        params_line = f"parameters           {setup.num_params:,} ({matmul_params(m):,} in matmuls)"
     lines = [
-        f"parameters           {setup.num_params:,} ({matmul_params(m):,} in matmuls)",
+        params_line,
         f"FLOPs per token      {flops_per_token(m, cfg.data.seq_len):,.0f} (6N + attention, training)",
         f"tokens per step      {cfg.data.batch_size * cfg.data.seq_len:,} "
         f"({cfg.data.batch_size} x {cfg.data.seq_len}, {cfg.train.microbatches} microbatch(es))",

@@ -32,25 +32,26 @@ def choose(logits_BxV, rng, temperature: float, top_k: int, top_p: float) -> jax
     return jax.random.categorical(rng, filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _decode_step(graphdef, params, cache, token_B, index, temperature, top_k, top_p, rng):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 9))
+def _decode_step(graphdef, params, cache, token_B, index, temperature, top_k, top_p, rng, exit_depth=None):
     model = nnx.merge(graphdef, params)
-    logits, cache = model(token_B[:, None], cache=cache, cache_index=index)
+    logits, cache = model(token_B[:, None], cache=cache, cache_index=index, exit_depth=exit_depth)
     return choose(logits[:, -1], rng, temperature, top_k, top_p), logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _prefill(graphdef, params, cache, prompt_BxP, temperature, top_k, top_p, rng):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 8))
+def _prefill(graphdef, params, cache, prompt_BxP, temperature, top_k, top_p, rng, exit_depth=None):
     model = nnx.merge(graphdef, params)
-    logits, cache = model(prompt_BxP, cache=cache, cache_index=jnp.int32(0))
+    logits, cache = model(prompt_BxP, cache=cache, cache_index=jnp.int32(0), exit_depth=exit_depth)
     return choose(logits[:, -1], rng, temperature, top_k, top_p), logits[:, -1], cache
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None) -> tuple[jax.Array, jax.Array]:
+             eos_id: int | None = None, exit_depth: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Returns (tokens [B, P + n], logits of each generated token [B, n, V]); stops early once
-    every row has produced eos_id."""
+    every row has produced eos_id. exit_depth: decode from the output after that many layers
+    (an early exit; the deeper layers never run)."""
     batch, prompt_len = prompt_BxP.shape
     model = nnx.merge(graphdef, params)
     max_len = prompt_len + max_new_tokens
@@ -58,14 +59,15 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array, m
         raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds model.max_seq_len={model.config.max_seq_len}")
     cache = model.init_cache(batch, max_len, jnp.dtype(model.config.dtype))
     rngs = jax.random.split(jax.random.key(seed), max_new_tokens)
-    token, logits, cache = _prefill(graphdef, params, cache, prompt_BxP, temperature, top_k, top_p, rngs[0])
+    token, logits, cache = _prefill(graphdef, params, cache, prompt_BxP, temperature, top_k, top_p, rngs[0],
+                                    exit_depth)
     out_tokens, out_logits = [token], [logits]
     done = jnp.zeros(batch, bool) if eos_id is None else token == eos_id
     for i in range(1, max_new_tokens):
         if eos_id is not None and bool(done.all()):
             break
         token, logits, cache = _decode_step(graphdef, params, cache, token, jnp.int32(prompt_len + i - 1),
-                                            temperature, top_k, top_p, rngs[i])
+                                            temperature, top_k, top_p, rngs[i], exit_depth)
         out_tokens.append(token)
         out_logits.append(logits)
         if eos_id is not None:

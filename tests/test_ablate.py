@@ -144,4 +144,4 @@ def test_report_names_task_columns_and_shows_trainable_params_and_checkpoint_siz
     write_tables(tmp_path, axes, cells, results)
     table = (tmp_path / "results.md").read_text()
     assert "| depo | mano | tokens/s | trainable params | checkpoint MiB |" in table
-    assert "| lora | 2 | 0 | 1.000 ± 0.000 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.400 ± 0.141 | 100 | 50 | 0.50 |" in table
+    assert "| lora | 2 | 0 | 5.000 ± 0.000 | 1.000 ± 0.000 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.400 ± 0.141 | 100 | 50 | 0.50 |" in table

@@ -40,10 +40,14 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exit-depth", type=int, default=None,
+                        help="decode from the output after this many layers (an early exit, e.g. after a loop)")
     args = parser.parse_args(argv)
 
     cfg, setup, params, step = load_run(args.run_dir, args.step)
     print(f"loaded {args.run_dir} at step {step}")
+    if args.exit_depth is not None and not 1 <= args.exit_depth <= cfg.model.num_layers:
+        parser.error(f"--exit-depth {args.exit_depth} must be between 1 and model.num_layers={cfg.model.num_layers}")
     if cfg.data.source == "depo" or args.depo_sample is not None:
         prompt, expected, task = depo_prompt(cfg, args.depo_sample or 0)
         decode, eos = task.decode, None
@@ -56,7 +60,8 @@ def main(argv=None) -> None:
         temperature = 0.8 if args.temperature is None else args.temperature
         max_new = args.max_new_tokens
     out, _ = generate(setup.graphdef, params, jnp.asarray([prompt], jnp.int32), max_new,
-                      temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos)
+                      temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+                      exit_depth=args.exit_depth)
     generated = np.asarray(out[0, len(prompt):]).tolist()
     print("prompt:   ", decode(prompt))
     print("generated:", decode(generated))

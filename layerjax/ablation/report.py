@@ -11,15 +11,17 @@ import statistics
 from layerjax.ablation.grid import SEED_AXIS, Axis, Cell
 
 LR_AXIS = "optim.lr"
-METRICS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_perplexity", "val ppl"),
+METRICS = (("train_loss", "train loss"), ("initial_val_loss", "val loss at step 0"), ("val_loss", "val loss"),
+           ("val_perplexity", "val ppl"), ("initial_val_accuracy", "exact match at step 0"),
            ("val_accuracy", "val exact match"))
 
 
-# Per-run figures reported as a group mean, with their column labels and formats (trainable
-# parameters and checkpoint size only where some run differs from the others: fine-tuning grids).
-EXTRAS = ("tokens_per_sec", "trainable_params", "checkpoint_mib")
-_EXTRA_COLUMNS = {"tokens_per_sec": ("tokens/s", "{:,.0f}"), "trainable_params": ("trainable params", "{:,.0f}"),
-                  "checkpoint_mib": ("checkpoint MiB", "{:.2f}")}
+# Per-run figures reported as a group mean, with their column labels and formats (parameters,
+# trainable parameters and checkpoint size only where some run differs from the others:
+# fine-tuning and recursion grids).
+EXTRAS = ("tokens_per_sec", "params", "trainable_params", "checkpoint_mib")
+_EXTRA_COLUMNS = {"tokens_per_sec": ("tokens/s", "{:,.0f}"), "params": ("params", "{:,.0f}"),
+                  "trainable_params": ("trainable params", "{:,.0f}"), "checkpoint_mib": ("checkpoint MiB", "{:.2f}")}
 
 
 def diverged(result: dict) -> bool:

@@ -19,14 +19,15 @@ from layerjax.model.plan import Plan
 
 # Which sublayer a block attribute belongs to, for per-sublayer gradient norms.
 SUBLAYER_OF = {"attn_norm": "attention", "canon_a": "attention", "attn": "attention", "attn_out_norm": "attention",
-               "mlp_norm": "mlp", "canon_c": "mlp", "mlp": "mlp", "mlp_out_norm": "mlp"}
+               "mlp_norm": "mlp", "canon_c": "mlp", "mlp": "mlp", "mlp_out_norm": "mlp"}  # relax.attn / relax.mlp too
 
 
 def per_layer_grad_norms(grads: nnx.State, plan: Plan) -> dict[str, jax.Array]:
     """{"grad_norm", "grad_norm_attention", "grad_norm_mlp"}: one L2 norm per layer, [num_layers].
 
     Layer parameters sit in per-segment stacks with a leading `layers` axis, so each stacked leaf
-    gives every layer of its segment at once; segments are concatenated in depth order."""
+    gives every layer of its segment at once; segments are concatenated in depth order. A shared
+    block's gradient (summed over the depths that run it) is shown at each of those depths."""
     sums = {name: [jnp.zeros(s.num_layers) for s in plan.segments] for name in ("total", "attention", "mlp")}
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
@@ -34,6 +35,9 @@ def per_layer_grad_norms(grads: nnx.State, plan: Plan) -> dict[str, jax.Array]:
             continue  # embeddings, final norm, head: not part of any layer
         segment, attribute = keys[1], keys[3]
         squares = jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
+        blocks = plan.segments[segment].blocks
+        if blocks is not None and keys[2] == "blocks":  # a shared block: shown at every depth that runs it
+            squares = squares[jnp.asarray(blocks)]
         sums["total"][segment] = sums["total"][segment] + squares
         group = SUBLAYER_OF.get(attribute)
         if group is not None:

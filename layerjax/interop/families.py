@@ -165,6 +165,10 @@ def export_family(m: ModelConfig, preferred: str | None = None) -> str:
     if m.adapter.kind == "lora":  # tools/export_hf.py merges them first
         raise UnsupportedModelError("model.adapter.kind='lora': merge the adapters into the base first "
                                     "(layerjax.model.merge.merge_lora)")
+    if m.recursion.blocks:
+        raise UnsupportedModelError(
+            f"model.recursion.blocks={m.recursion.blocks}: shared (recursive) blocks have no Hugging Face family; "
+            "every exported layer would need its own weights")
     if m.layer_norms:
         raise UnsupportedModelError(
             f"model.layer_norms={list(m.layer_norms)} (per-layer norm schemes) has no Hugging Face equivalent")

@@ -125,8 +125,9 @@ class Attention(nnx.Module):
         self.qk_norm = qk_norm
 
     def __call__(self, x_BxLxD: jax.Array, ctx: Context, cache: KVCache | None = None,
-                 window: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        """window: this layer's sliding-window length (see `attention_mask`), None for none."""
+                 window: jax.Array | None = None, relax: dict | None = None) -> tuple[jax.Array, KVCache | None]:
+        """window: this layer's sliding-window length (see `attention_mask`), None for none.
+        relax: a shared block's per-depth relaxation LoRA by projection name (added like adapters)."""
         dtype = x_BxLxD.dtype
         # One [D, H+2N, K] matmul instead of three: larger matmuls run closer to peak on CPU.
         heads, kv_heads = self.wq.shape[1], self.wk.shape[1]
@@ -134,7 +135,7 @@ class Attention(nnx.Module):
         q, k, v = jnp.split(dense(x_BxLxD, w_qkv), [heads, heads + kv_heads], axis=2)  # [B, L, *, K]
         add_bias = lambda t, b: t if b is None else t + b[...].astype(dtype)
         q, k, v = add_bias(q, self.bq), add_bias(k, self.bk), add_bias(v, self.bv)
-        q, k, v = (self._adapted(name, x_BxLxD, t, ctx) for name, t in (("q", q), ("k", k), ("v", v)))
+        q, k, v = (self._adapted(name, x_BxLxD, t, ctx, relax) for name, t in (("q", q), ("k", k), ("v", v)))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         new_cache = None if cache is None else {}
@@ -158,11 +159,14 @@ class Attention(nnx.Module):
         out_BxHxLxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask_BxLxS, self.scale, self.logit_cap)
         out_BxLxHxK = jnp.swapaxes(out_BxHxLxK, 1, 2)
         out_BxLxD = add_bias(dense(out_BxLxHxK, self.wo[...], in_dims=2), self.bo)
-        out_BxLxD = self._adapted("o", out_BxLxHxK.reshape(*out_BxLxD.shape[:2], -1), out_BxLxD, ctx)
+        out_BxLxD = self._adapted("o", out_BxLxHxK.reshape(*out_BxLxD.shape[:2], -1), out_BxLxD, ctx, relax)
         return out_BxLxD, new_cache
 
-    def _adapted(self, name: str, adapter_in: jax.Array, projected: jax.Array, ctx: Context) -> jax.Array:
-        """projected + the named adapter's delta of adapter_in (unchanged without that adapter)."""
+    def _adapted(self, name: str, adapter_in: jax.Array, projected: jax.Array, ctx: Context,
+                 relax: dict | None = None) -> jax.Array:
+        """projected + the named adapter's and relaxation's deltas of adapter_in (where they exist)."""
+        if relax and name in relax:
+            projected = projected + relax[name](adapter_in).reshape(projected.shape)
         if name not in self.adapters:
             return projected
         key = None if ctx.dropout_key is None else jax.random.fold_in(ctx.dropout_key, "qkvo".index(name))

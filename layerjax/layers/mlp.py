@@ -44,10 +44,11 @@ class MLP(nnx.Module):
         self.b_out = const_param((d_model,), ("embed",), 0.0) if "down" in biases else None
 
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None = None,
-                 canon_state: jax.Array | None = None, dropout_key: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array | None]:
+                 canon_state: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 relax: dict | None = None) -> tuple[jax.Array, jax.Array | None]:
         """Returns the output and, when decoding with canon position D, its new state.
-        dropout_key: the adapters' dropout (training only)."""
+        dropout_key: the adapters' dropout (training only). relax: a shared block's per-depth
+        relaxation LoRA by projection name, added like the adapters."""
         dtype = x_BxLxD.dtype
         if self.gated:
             w_in = jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
@@ -57,10 +58,12 @@ class MLP(nnx.Module):
         if self.b_in is not None:
             h_BxLxF = h_BxLxF + self.b_in[...].astype(dtype)
         shared = None if self.router is None else self.router(x_BxLxD.reshape(-1, x_BxLxD.shape[-1]))
-        delta = lambda name, h: self._delta(name, h, dropout_key, shared)
-        if self.gated and {"gate", "up"} & set(self.adapters):  # the input side is [gate | up]
+        relax = relax or {}
+        delta = lambda name, h: self._delta(name, h, dropout_key, shared, relax)
+        adapted = set(self.adapters) | set(relax)
+        if self.gated and {"gate", "up"} & adapted:  # the input side is [gate | up]
             h_BxLxF = h_BxLxF + jnp.concatenate([delta("gate", x_BxLxD), delta("up", x_BxLxD)], axis=-1)
-        elif "up" in self.adapters:
+        elif "up" in adapted:
             h_BxLxF = h_BxLxF + delta("up", x_BxLxD)
         if self.canon_d is not None:
             h_BxLxF, canon_state = self.canon_d(h_BxLxF, segment_ids_BxL, canon_state)
@@ -72,14 +75,17 @@ class MLP(nnx.Module):
         out_BxLxD = dense(h_BxLxF, self.w_out[...])
         if self.b_out is not None:
             out_BxLxD = out_BxLxD + self.b_out[...].astype(dtype)
-        if "down" in self.adapters:
+        if "down" in adapted:
             out_BxLxD = out_BxLxD + delta("down", h_BxLxF)
         return out_BxLxD, canon_state
 
-    def _delta(self, name: str, adapter_in: jax.Array, dropout_key, shared_weights) -> jax.Array:
-        """The named adapter's delta, or zeros of its output width when that projection has none."""
+    def _delta(self, name: str, adapter_in: jax.Array, dropout_key, shared_weights, relax: dict) -> jax.Array:
+        """The named adapter's plus relaxation's delta, zeros of the output width where neither exists."""
         width = self.w_out.shape[1] if name == "down" else self.w_out.shape[0]
-        if name not in self.adapters:
-            return jnp.zeros((*adapter_in.shape[:-1], width), adapter_in.dtype)
-        key = None if dropout_key is None else jax.random.fold_in(dropout_key, 4 + ("gate", "up", "down").index(name))
-        return self.adapters[name](adapter_in, key, shared_weights)
+        delta = jnp.zeros((*adapter_in.shape[:-1], width), adapter_in.dtype)
+        if name in relax:
+            delta = delta + relax[name](adapter_in)
+        if name in self.adapters:
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, 4 + ("gate", "up", "down").index(name))
+            delta = delta + self.adapters[name](adapter_in, key, shared_weights)
+        return delta

@@ -52,8 +52,9 @@ class Block(nnx.Module):
         self.mlp_out_norm = norm() if spec.norm == "peri" else None
 
     def __call__(self, x_BxLxD: jax.Array, scalars: dict[str, jax.Array], ctx: Context,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """cache (decoding only): this layer's dict of "k", "v" and canon states "canon_A".."D"."""
+                 cache: KVCache | None = None, relax: "Relaxation | None" = None) -> tuple[jax.Array, KVCache | None]:
+        """cache (decoding only): this layer's dict of "k", "v" and canon states "canon_A".."D".
+        relax: this depth's relaxation LoRA when the block is shared (see `Relaxation`)."""
         state = (lambda key: cache[key]) if cache is not None else (lambda key: None)
         new_cache = {} if cache is not None else None
         segments = ctx.segment_ids_BxL
@@ -66,7 +67,8 @@ class Block(nnx.Module):
                 h, canon_state = self.canon_a(h, segments, state("canon_A"))
                 if cache is not None:
                     new_cache["canon_A"] = canon_state
-            out, attn_cache = self.attn(h, ctx, cache, window=scalars["window"] if self.windowed else None)
+            out, attn_cache = self.attn(h, ctx, cache, window=scalars["window"] if self.windowed else None,
+                                        relax=None if relax is None else relax.attn)
             if cache is not None:
                 new_cache.update(attn_cache)
             return out
@@ -77,7 +79,7 @@ class Block(nnx.Module):
                 if cache is not None:
                     new_cache["canon_C"] = canon_state
             out, canon_state = self.mlp(h, segments, state("canon_D") if self.mlp.canon_d is not None else None,
-                                        ctx.dropout_key)
+                                        ctx.dropout_key, relax=None if relax is None else relax.mlp)
             if cache is not None and self.mlp.canon_d is not None:
                 new_cache["canon_D"] = canon_state
             return out
@@ -106,6 +108,34 @@ class Block(nnx.Module):
         return x, new_cache
 
 
+class Relaxation(nnx.Module):
+    """One depth's relaxation of a shared block (Relaxed Recursive Transformers): a plain LoRA
+    W_shared x + B_l A_l x with scale 1 on each targeted projection, so that full rank can
+    reproduce an untied layer exactly. A zero B (the init) leaves the shared block unchanged."""
+
+    def __init__(self, m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs):
+        shapes = projection_axes(m)
+        lora = lambda name, rank: LowRankAdapter(shapes[name][0], shapes[name][1], rank=rank, alpha=float(rank),
+                                                 rslora=False, experts=0, top_k=0, renormalize_top1=False,
+                                                 dropout=0.0, rngs=rngs, axes=shapes[name][2])
+        targets = [t for t in m.recursion.lora_targets if t in shapes]
+        self.attn = nnx.Dict({t: lora(t, spec.relax_rank) for t in targets
+                              if t in ("q", "k", "v", "o") and spec.relax_rank})
+        self.mlp = nnx.Dict({t: lora(t, spec.relax_rank_mlp) for t in targets
+                             if t in ("gate", "up", "down") and spec.relax_rank_mlp})
+
+
+def projection_axes(m: ModelConfig) -> dict[str, tuple[int, int, tuple[str, str]]]:
+    """(in width, out width, logical axes) of each adaptable projection of a layer."""
+    q_width, kv_width = m.num_heads * head_dim(m), kv_heads(m) * head_dim(m)
+    shapes = {"q": (m.d_model, q_width, ("embed", "heads")), "k": (m.d_model, kv_width, ("embed", "kv_heads")),
+              "v": (m.d_model, kv_width, ("embed", "kv_heads")), "o": (q_width, m.d_model, ("heads", "embed")),
+              "up": (m.d_model, d_ff(m), ("embed", "mlp")), "down": (d_ff(m), m.d_model, ("mlp", "embed"))}
+    if m.mlp in GATED_ACTIVATIONS:  # "gate" exists only in gated MLPs
+        shapes["gate"] = (m.d_model, d_ff(m), ("embed", "mlp"))
+    return shapes
+
+
 def _adapter(m: ModelConfig, spec: LayerSpec, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
              own_router: bool = True) -> LowRankAdapter:
     a = m.adapter
@@ -118,11 +148,8 @@ def make_attention_adapters(m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs) -> 
     """The adapters of the targeted attention projections (in, out widths as the projection's)."""
     if m.adapter.kind == "none":
         return {}
-    q_width, kv_width = m.num_heads * head_dim(m), kv_heads(m) * head_dim(m)
-    shapes = {"q": (m.d_model, q_width, ("embed", "heads")), "k": (m.d_model, kv_width, ("embed", "kv_heads")),
-              "v": (m.d_model, kv_width, ("embed", "kv_heads")), "o": (q_width, m.d_model, ("heads", "embed"))}
-    return {name: _adapter(m, spec, d_in, d_out, axes, rngs)
-            for name, (d_in, d_out, axes) in shapes.items() if name in m.adapter.targets}
+    return {name: _adapter(m, spec, d_in, d_out, axes, rngs) for name, (d_in, d_out, axes) in projection_axes(m).items()
+            if name in ("q", "k", "v", "o") and name in m.adapter.targets}
 
 
 def make_mlp_adapters(m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs) -> tuple[dict[str, LowRankAdapter], Router | None]:
@@ -132,8 +159,6 @@ def make_mlp_adapters(m: ModelConfig, spec: LayerSpec, rngs: nnx.Rngs) -> tuple[
     shared = m.adapter.kind == "mole"
     router = Router(m.d_model, spec.experts, top_k=m.adapter.top_k, renormalize_top1=m.adapter.renormalize_top1,
                     rngs=rngs, in_axis="embed") if shared else None
-    shapes = {"up": (m.d_model, d_ff(m), ("embed", "mlp")), "down": (d_ff(m), m.d_model, ("mlp", "embed"))}
-    if m.mlp in GATED_ACTIVATIONS:  # "gate" exists only in gated MLPs
-        shapes["gate"] = (m.d_model, d_ff(m), ("embed", "mlp"))
     return {name: _adapter(m, spec, d_in, d_out, axes, rngs, own_router=not shared)
-            for name, (d_in, d_out, axes) in shapes.items() if name in m.adapter.targets}, router
+            for name, (d_in, d_out, axes) in projection_axes(m).items()
+            if name in ("gate", "up", "down") and name in m.adapter.targets}, router

@@ -6,6 +6,11 @@ as the layer index or the sliding-window length, so local and global layers shar
 Consecutive layers with equal specs form a `Segment`: one stacked parameter tree run by one scan,
 with the scalars as scanned inputs. A plan of two segments compiles two scan bodies whatever the
 depth.
+
+With recursion (model.recursion.blocks = K) the depths that share blocks form one shared segment:
+its stack holds K unique blocks, `Segment.blocks` says which one each depth runs, and the scan over
+its depths takes that block's parameters by index, so compile time does not grow with the number
+of loops. Per-depth inputs (scalars, relaxation LoRA, KV caches) stay per depth.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ class LayerSpec:
     # Multiplies the init std of the value, attention-output and MLP weights (DeepNorm's beta).
     init_scale: float = 1.0
     experts: int = 0  # LoRA experts on each adapted projection (mola/mole); 0: plain LoRA or none
+    # Per-depth relaxation LoRA of a shared block (model.recursion.lora_rank*): ranks on the
+    # attention and the MLP projections; 0: none.
+    relax_rank: int = 0
+    relax_rank_mlp: int = 0
 
 
 # The window of a layer without one: longer than any sequence, and exact in float32.
@@ -69,15 +78,36 @@ def layer_windows(m: ModelConfig) -> list[int]:
             for layer in range(m.num_layers)]
 
 
+def recursion_map(num_layers: int, blocks: int, pattern: str) -> list[int | None]:
+    """The unique block each depth runs (0..blocks-1), None for a depth with a layer of its own.
+    cycle: l mod K; sequence: floor(l / R), R = depths / K; middle_*: the same over depths
+    1..L-2, with the first and the last depth unshared. blocks=0: no sharing."""
+    if not blocks:
+        return [None] * num_layers
+    middle = pattern.startswith("middle")
+    shared = num_layers - 2 if middle else num_layers
+    repeats = shared // blocks
+    order = [i % blocks for i in range(shared)] if pattern.endswith("cycle") else [i // repeats for i in range(shared)]
+    return [None, *order, None] if middle else order
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
     spec: LayerSpec
     first_layer: int
-    num_layers: int
+    num_layers: int  # depths the segment runs
+    # A shared segment: the unique block (0..num_blocks-1) each of its depths runs; None: each
+    # depth has its own parameters.
+    blocks: tuple[int, ...] | None = None
 
     @property
     def layers(self) -> range:
         return range(self.first_layer, self.first_layer + self.num_layers)
+
+    @property
+    def num_blocks(self) -> int:
+        """Parameter copies in the segment's stack: its unique blocks, or one per depth."""
+        return self.num_layers if self.blocks is None else max(self.blocks) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +135,18 @@ class Plan:
         """One row per layer: its spec, its scalars, and the segment that runs it."""
         fields = [f.name for f in dataclasses.fields(LayerSpec)]
         scalars = self.scalars
-        header = ["layer", "scheme", *fields, *scalars, "segment"]
+        header = ["layer", "scheme", *fields, *scalars, "block", "segment"]
         show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
         # Windows are token counts (too long for 4 digits); NO_WINDOW reads as "-".
         show_scalar = lambda k, v: ("-" if v >= NO_WINDOW else str(int(v))) if k == "window" else f"{v:.4g}"
         rows = []
         for seg_index, seg in enumerate(self.segments):
-            for layer in seg.layers:
+            for slot, layer in enumerate(seg.layers):
                 spec = self.specs[layer]
+                block = "own" if seg.blocks is None else f"shared {seg.blocks[slot]}"
                 rows.append([str(layer), self.schemes[layer] if self.schemes else "",
                              *(show(getattr(spec, f)) for f in fields),
-                             *(show_scalar(k, scalars[k][layer]) for k in scalars),
+                             *(show_scalar(k, scalars[k][layer]) for k in scalars), block,
                              f"{seg_index} (layers {seg.first_layer}-{seg.layers[-1]})"])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -148,6 +179,11 @@ def layer_schemes(m: ModelConfig) -> list[str]:
     return schemes
 
 
+def _spec_difference(a: LayerSpec, b: LayerSpec) -> str:
+    return ", ".join(f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+                     for f in dataclasses.fields(LayerSpec) if getattr(a, f.name) != getattr(b, f.name))
+
+
 def build_plan(m: ModelConfig) -> Plan:
     canon = "".join(sorted(m.canon))
     specs, scalars = [], {"layer_index": [], **{name: [] for name in SCALAR_DEFAULTS}}
@@ -160,9 +196,25 @@ def build_plan(m: ModelConfig) -> Plan:
         scalars["layer_index"].append(float(layer))
         for name, default in SCALAR_DEFAULTS.items():
             scalars[name].append(float(values.get(name, default)))
+    r = m.recursion
+    block_of = recursion_map(m.num_layers, r.blocks, r.pattern)
+    if r.blocks:  # relaxation LoRA lives on the shared depths only
+        relax = (r.lora_rank, r.lora_rank if r.lora_rank_mlp < 0 else r.lora_rank_mlp)
+        specs = [dataclasses.replace(s, relax_rank=relax[0], relax_rank_mlp=relax[1]) if b is not None else s
+                 for s, b in zip(specs, block_of)]
+        shared = [layer for layer, b in enumerate(block_of) if b is not None]
+        differ = sorted({layer for layer in shared if specs[layer] != specs[shared[0]]})
+        if differ:
+            raise ConfigError(
+                f"model.recursion: depths {shared[0]} and {differ[0]} share blocks but their layers differ "
+                f"({_spec_difference(specs[shared[0]], specs[differ[0]])}); per-depth structure (Mix-LN, "
+                "model.layer_norms, expert counts) cannot vary over shared depths. Give those layers one "
+                "structure, or use a per-layer scalar scheme such as lns")
     segments, first = [], 0
     for layer in range(1, m.num_layers + 1):
-        if layer == m.num_layers or specs[layer] != specs[first]:
-            segments.append(Segment(specs[first], first, layer - first))
+        if (layer == m.num_layers or specs[layer] != specs[first]
+                or (block_of[layer] is None) != (block_of[first] is None)):
+            blocks = None if block_of[first] is None else tuple(block_of[first:layer])
+            segments.append(Segment(specs[first], first, layer - first, blocks))
             first = layer
     return Plan(tuple(specs), tuple(segments), tuple((k, tuple(v)) for k, v in scalars.items()), tuple(schemes))

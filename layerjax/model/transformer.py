@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerjax.config import ModelConfig, head_dim, kv_heads
+from layerjax.config import ModelConfig, head_dim, kv_heads, recursion_exits
 from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
 from layerjax.layers.adapters import pool_router_stats
@@ -14,7 +14,7 @@ from layerjax.layers.attention import Context, KVCache, softcap
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
 from layerjax.layers.params import dense, normal_param
-from layerjax.model.block import Block
+from layerjax.model.block import Block, Relaxation
 from layerjax.model.plan import Plan, Segment, build_plan
 from layerjax.sharding import constrain
 
@@ -30,33 +30,59 @@ REMAT_POLICIES = {
 
 
 class LayerStack(nnx.Module):
-    """The layers of one segment: parameters stacked on a leading `layers` axis, run by one scan."""
+    """The layers of one segment: parameters stacked on a leading `layers` axis, run by one scan.
+
+    A shared segment (`Segment.blocks`) stacks its K unique blocks instead, and each scan step
+    takes the block its depth runs by index; its per-depth relaxation LoRA (`relax`, stacked
+    over depths) is a scanned input like the scalars and the cache."""
 
     def __init__(self, m: ModelConfig, segment: Segment, rngs: nnx.Rngs):
         self.num_layers = segment.num_layers
+        self.block_index = None if segment.blocks is None else tuple(segment.blocks)
 
-        @nnx.split_rngs(splits=segment.num_layers)
+        @nnx.split_rngs(splits=segment.num_blocks)
         @nnx.vmap(in_axes=0, out_axes=0)
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(m, segment.spec, rngs)
 
+        @nnx.split_rngs(splits=segment.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_relaxations(rngs: nnx.Rngs) -> Relaxation:
+            return Relaxation(m, segment.spec, rngs)
+
         self.blocks = make_blocks(rngs)
-        for _, variable in nnx.iter_graph(self.blocks):
-            if isinstance(variable, nnx.Param):  # vmap added the leading axis; name it
-                variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
+        relaxed = segment.spec.relax_rank or segment.spec.relax_rank_mlp
+        self.relax = make_relaxations(rngs) if relaxed else None
+        for stacked in (self.blocks, self.relax):
+            for _, variable in nnx.iter_graph(stacked) if stacked is not None else ():
+                if isinstance(variable, nnx.Param):  # vmap added the leading axis; name it
+                    variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
 
     def __call__(self, x_BxLxD: jax.Array, scalars: dict[str, jax.Array], ctx: Context,
                  cache: KVCache | None, *, scan: bool, remat: str, probe: str | None = None,
-                 skip_layer: jax.Array | None = None):
+                 skip_layer: jax.Array | None = None, depths: int | None = None):
         """Returns (x, cache, probes): probes is None, or per layer (stacked on a leading axis) the
         `residual_stats` dict (probe="stats") or the layer's output (probe="hidden").
-        skip_layer: a global layer index whose layer becomes the identity (layer removal)."""
+        skip_layer: a global layer index whose layer becomes the identity (layer removal).
+        depths: run only the segment's first `depths` layers (an early exit inside it); the
+        cache entries of the others come back unchanged."""
         graphdef, params = nnx.split(self.blocks)
+        relax_graph, relax_params = nnx.split(self.relax) if self.relax is not None else (None, None)
+        shared = self.block_index is not None
+        num_layers = self.num_layers if depths is None else depths
+        full_cache = cache
+        if depths is not None:
+            head = lambda tree: jax.tree.map(lambda a: a[:depths], tree)
+            scalars, cache, relax_params = head(scalars), head(cache), head(relax_params)
+            params = params if shared else head(params)
 
         def layer(x, per_layer):
-            layer_params, layer_scalars, layer_cache = per_layer
+            layer_params, layer_scalars, layer_cache, block_index, layer_relax = per_layer
+            if shared:  # this depth's unique block, taken by a traced index: one body for all loops
+                layer_params = jax.tree.map(lambda p: jnp.take(p, block_index, axis=0), layer_params)
             block = nnx.merge(graphdef, layer_params)
-            y, layer_cache = block(x, layer_scalars, ctx, layer_cache)
+            relax = None if layer_relax is None else nnx.merge(relax_graph, layer_relax)
+            y, layer_cache = block(x, layer_scalars, ctx, layer_cache, relax=relax)
             # Router statistics of LoRA-expert layers are scan outputs, like the probes.
             router = pool_router_stats(nnx.pop(block, nnx.Intermediate))
             y = constrain(y, RESIDUAL_AXES)
@@ -64,21 +90,29 @@ class LayerStack(nnx.Module):
                 y = jnp.where(layer_scalars["layer_index"] == skip_layer, x, y)
             if probe == "stats":
                 return y, (layer_cache, residual_stats(x, y), router)
-            return y, (layer_cache, y if probe == "hidden" else None, router)
+            return y, (layer_cache, y if probe in ("hidden", "exits") else None, router)
 
         if remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-        per_layer = (params, scalars, cache)
+        index = None if not shared else jnp.asarray(self.block_index[:num_layers], jnp.int32)
         if scan:
-            x, (cache, probes, router) = jax.lax.scan(layer, x_BxLxD, per_layer)
+            # Shared blocks are closed over (their gradient sums over the depths that use them);
+            # own parameters are scanned.
+            body = (lambda x, xs: layer(x, (params, *xs))) if shared else layer
+            per_layer = (scalars, cache, index, relax_params) if shared else (params, scalars, cache, None, relax_params)
+            x, (cache, probes, router) = jax.lax.scan(body, x_BxLxD, per_layer)
         else:  # unrolled, for debugging: the same stacked parameters, sliced one layer at a time
             x, outputs = x_BxLxD, []
-            for i in range(self.num_layers):
-                x, out = layer(x, jax.tree.map(lambda a: a[i], per_layer))
+            for i in range(num_layers):
+                own = params if shared else jax.tree.map(lambda a: a[i], params)
+                per_depth = jax.tree.map(lambda a: a[i], (scalars, cache, index, relax_params))
+                x, out = layer(x, (own, *per_depth))
                 outputs.append(out)
             cache, probes, router = jax.tree.map(lambda *c: jnp.stack(c), *outputs)
         if router is not None:
             self.sow(nnx.Intermediate, "router", router)  # read back with `router_stats`
+        if depths is not None and full_cache is not None:  # the layers not run keep their entries
+            cache = jax.tree.map(lambda new, old: jnp.concatenate([new, old[depths:]]), cache, full_cache)
         return x, cache, probes
 
 
@@ -96,23 +130,28 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
-                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None
-                 ) -> tuple[jax.Array, list[KVCache] | None]:
-        """Returns float32 logits [B, L, V] and, when a cache is given, the updated cache."""
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 exit_depth: int | None = None) -> tuple[jax.Array, list[KVCache] | None]:
+        """Returns float32 logits [B, L, V] and, when a cache is given, the updated cache.
+        exit_depth: run only the first that many layers and read them out through the head."""
         logits, cache, _ = self.forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index,
-                                        dropout_key=dropout_key)
+                                        dropout_key=dropout_key, exit_depth=exit_depth)
         return logits, cache
 
     def forward(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                 segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
                 cache_index: jax.Array | None = None, *, probe: str | None = None,
-                skip_layer: jax.Array | None = None, dropout_key: jax.Array | None = None):
+                skip_layer: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                exit_depth: int | None = None):
         """`__call__` plus per-layer probes: returns (logits, cache, probes) where probes is None,
         for probe="stats" a dict of [num_layers] arrays (see `residual_stats`), or for
         probe="hidden" the residual stream [num_layers + 1, B, L, D] entering each layer and
-        leaving the last. skip_layer: that layer (a traced index) acts as the identity.
+        leaving the last, for probe="exits" the residual stream after each early-exit depth
+        (model.recursion.exits) [exits, B, L, D], to be read out by `head_logits`.
+        skip_layer: that layer (a traced index) acts as the identity.
         dropout_key: adapter dropout (training); None: none. Models with LoRA experts sow their
-        per-layer router statistics, read back with `router_stats(model)`."""
+        per-layer router statistics, read back with `router_stats(model)`. exit_depth (static):
+        stop after that many layers (an early exit; 1..num_layers), with probe None."""
         m = self.config
         dtype = jnp.dtype(m.dtype)
         batch, length = tokens_BxL.shape
@@ -130,25 +169,43 @@ class Transformer(nnx.Module):
         x = constrain(x, RESIDUAL_AXES)
         new_cache = [] if cache is not None else None
         probes = [x[None]] if probe == "hidden" else []
+        stack_probe = "hidden" if probe == "exits" else probe
+        if exit_depth is not None and not (1 <= exit_depth <= m.num_layers and probe is None):
+            raise ValueError(f"exit_depth={exit_depth} must be in 1..{m.num_layers} (and without probes)")
         for stack, segment in zip(self.stacks, self.plan.segments):
             scalars = {k: jnp.asarray(v) for k, v in self.plan.segment_scalars(segment).items()}
             stack_cache = None if cache is None else cache[len(new_cache)]
+            depths = None if exit_depth is None or exit_depth >= segment.first_layer + segment.num_layers \
+                else exit_depth - segment.first_layer
+            if depths is not None and depths <= 0:  # past the exit: this segment does not run
+                if cache is not None:
+                    new_cache.append(stack_cache)
+                continue
             x, stack_cache, stack_probes = stack(x, scalars, ctx, stack_cache, scan=m.scan_layers, remat=m.remat,
-                                                 probe=probe, skip_layer=skip_layer)
+                                                 probe=stack_probe, skip_layer=skip_layer, depths=depths)
             if cache is not None:
                 new_cache.append(stack_cache)
             probes.append(stack_probes)
+        logits = self.head_logits(x)
+        probes = jax.tree.map(lambda *p: jnp.concatenate(p), *probes) if probe else None
+        if probe == "exits":  # the outputs of layers d-1 for exit depths d (layers run)
+            probes = probes[jnp.asarray(recursion_exits(m), jnp.int32) - 1]
+        return logits, new_cache, probes
+
+    def head_logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """The output head on a residual stream: final norm, tied or own head, float32, softcap.
+        Early exits read the stream after an inner depth through this same head."""
+        m = self.config
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x_BxLxD = self.final_norm(x_BxLxD)
         if self.head is None:
-            logits = self.embed.attend(x)
+            logits = self.embed.attend(x_BxLxD)
         else:
-            logits = dense(x, self.head[...])
+            logits = dense(x_BxLxD, self.head[...])
         logits = logits.astype(jnp.float32)
         if m.final_softcap:
             logits = softcap(logits, m.final_softcap)
-        probes = jax.tree.map(lambda *p: jnp.concatenate(p), *probes) if probe else None
-        return logits, new_cache, probes
+        return logits
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
         """An empty decoding cache, per segment a dict stacked over its layers: "k" and "v" of

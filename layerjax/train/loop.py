@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from layerjax.config import Config, to_toml
+from layerjax.config import Config, recursion_exits, to_toml
 from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
 from layerjax.diagnostics.layers import layer_eval, make_layer_eval_steps, make_layer_stats_step
@@ -77,26 +77,46 @@ def local_rows(x: jax.Array) -> np.ndarray:
 def evaluate(setup: Setup, eval_step, params, batches: list[dict], score=exact_match_by_hops) -> dict[str, float]:
     """Validation loss and perplexity over the fixed eval batches, plus exact-match accuracy of
     the task's answers (overall and per hop count) where the data defines answers."""
-    ce_sum = weight = 0.0
+    exits = recursion_exits(setup.cfg.model)
+    ce_sum, weight, exit_ce = 0.0, 0.0, np.zeros(len(exits))
     counts: dict[int, tuple[int, int]] = {}
+    exit_counts: list[dict[int, tuple[int, int]]] = [{} for _ in exits]
     for batch in batches:
         out = eval_step(params, to_global(batch, setup, (*MODEL_INPUTS, "targets", "weights")))
         ce_sum += float(out["ce_sum"])
         weight += float(out["weight"])
         counts = merge_counts(counts, score(local_rows(out["predictions"]), batch))
+        for i in range(len(exits)):  # each early exit scored like the last layer
+            exit_ce[i] += float(out["exit_ce_sums"][i])
+            exit_counts[i] = merge_counts(exit_counts[i], score(local_rows(out["exit_predictions"][i]), batch))
+    loss = ce_sum / max(weight, 1.0)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **_accuracies(counts)}
+    for i, depth in enumerate(exits):
+        result[f"loss_exit{depth}"] = exit_ce[i] / max(weight, 1.0)
+        result.update({f"{k}_exit{depth}": v for k, v in _accuracies(exit_counts[i]).items() if k == "accuracy"})
+    return result
+
+
+def _accuracies(counts: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """Exact match overall and per bucket from (correct, total) counts, summed over processes."""
     if jax.process_count() > 1:  # every process scored its own rows: add up the counts
         hops = range(1, MAX_BUCKET + 1)
         local = np.array([counts.get(k, (0, 0)) for k in hops], np.int64)
         total = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
         counts = {k: (int(c), int(n)) for k, (c, n) in zip(hops, total) if n}
-    loss = ce_sum / max(weight, 1.0)
-    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    if counts:
-        correct = sum(c for c, _ in counts.values())
-        total = sum(n for _, n in counts.values())
-        result["accuracy"] = correct / max(total, 1)
-        result.update({f"accuracy_k{k}": c / max(n, 1) for k, (c, n) in sorted(counts.items())})
-    return result
+    if not counts:
+        return {}
+    correct = sum(c for c, _ in counts.values())
+    total = sum(n for _, n in counts.values())
+    return {"accuracy": correct / max(total, 1),
+            **{f"accuracy_k{k}": c / max(n, 1) for k, (c, n) in sorted(counts.items())}}
+
+
+def _metric_label(key: str, buckets: dict[int, str] | None) -> str:
+    """accuracy_k2 -> accuracy[mano] where the buckets have names (sft tasks)."""
+    if buckets and key.startswith("accuracy_k") and int(key.removeprefix("accuracy_k")) in buckets:
+        return f"accuracy[{buckets[int(key.removeprefix('accuracy_k'))]}]"
+    return key
 
 
 def _format_summary(summary: dict) -> str:
@@ -192,7 +212,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         result = evaluate(setup, eval_step, state.params, eval_batches, data.score)
         if writer:
             writer.write(at, "eval", result)
-        say(f"step {at}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        say(f"step {at}: eval " + ", ".join(f"{_metric_label(k, data.buckets)}={v:.4g}" for k, v in result.items()))
         if layer_eval_steps is not None:
             global_batches = [to_global(b, setup, (*MODEL_INPUTS, "targets", "weights")) for b in eval_batches]
             layers = layer_eval(layer_eval_steps, state.params, global_batches, cfg.model.num_layers)
@@ -275,17 +295,23 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         "val_loss": last_eval.get("loss", float("nan")),
         "val_perplexity": last_eval.get("perplexity", float("nan")),
     }
-    summary.update({f"val_{k}": v for k, v in last_eval.items() if k.startswith("accuracy")})
+    summary.update({f"val_{k}": v for k, v in last_eval.items() if k.startswith(("accuracy", "loss_exit"))})
     if is_main and cfg.train.eval_every:
         first_eval = read_metrics(run_dir, "eval")[:1]
         if first_eval and first_eval[0]["step"] == 0:
             summary["initial_val_loss"] = first_eval[0]["loss"]
+            if "accuracy" in first_eval[0]:
+                summary["initial_val_accuracy"] = first_eval[0]["accuracy"]
     if data.chance_accuracy is not None:
         summary["chance_accuracy"] = data.chance_accuracy
     rate = statistics.median(step_rates) if step_rates else last_train.get("tokens_per_sec", float("nan"))
     summary.update(tokens_per_sec=rate, mfu=rate * model_flops_per_step / tokens_per_step / peak,
-                   peak_flops=peak, params=setup.num_params, run_dir=str(run_dir.resolve()),
-                   last_checkpoint=last_saved)
+                   peak_flops=peak, params=setup.num_params, trainable_params=setup.num_trainable,
+                   run_dir=str(run_dir.resolve()), last_checkpoint=last_saved)
+    if last_saved is not None:
+        summary["checkpoint_mib"] = checkpointer.step_bytes(last_saved) / 2**20
+    if data.buckets:  # exact-match bucket -> task name (sft), for reports
+        summary["buckets"] = {str(k): v for k, v in sorted(data.buckets.items())}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["plot"] = str(plot_curves(run_dir, summary.get("chance_accuracy")))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from layerjax.config import Config
+from layerjax.config import Config, exit_weights, recursion_exits
 from layerjax.model.transformer import router_stats
 
 Batch = dict[str, jax.Array]
@@ -49,21 +49,47 @@ def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
     return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
-    """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction, all [B, L], and
-    the router statistics per segment with LoRA experts (see `router_stats`)."""
-    model = nnx.merge(graphdef, params)
-    logits_BxLxV, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+def _cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array):
+    """Per-token cross-entropy and log-partition, [B, L] each."""
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z_BxL - target_logit_BxL, log_z_BxL, jnp.argmax(logits_BxLxV, axis=-1), router_stats(model)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return log_z_BxL - target_logit_BxL, log_z_BxL
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
+    """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction, all [B, L], the
+    router statistics per segment with LoRA experts (see `router_stats`), and for a model with
+    early exits (model.recursion.exits) their cross-entropy and predictions, [exits, B, L] each
+    (else None): the stream after each exit depth read out by the shared head."""
+    model = nnx.merge(graphdef, params)
+    has_exits = bool(recursion_exits(model.config))
+    logits_BxLxV, _, hidden_ExBxLxD = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                                    probe="exits" if has_exits else None, dropout_key=dropout_key)
+    ce_BxL, log_z_BxL = _cross_entropy(logits_BxLxV, batch["targets"])
+    exits = None
+    if has_exits:
+        def exit_loss(hidden_BxLxD):
+            logits = model.head_logits(hidden_BxLxD)
+            return _cross_entropy(logits, batch["targets"])[0], jnp.argmax(logits, axis=-1)
+
+        # One exit at a time, so that only one [B, L, V] logits tensor is alive at once.
+        ce_ExBxL, predictions_ExBxL = jax.lax.map(exit_loss, hidden_ExBxLxD)
+        exits = {"ce": ce_ExBxL, "predictions": predictions_ExBxL}
+    return ce_BxL, log_z_BxL, jnp.argmax(logits_BxLxV, axis=-1), router_stats(model), exits
+
+
+def exit_objective(ce_sum: jax.Array, exit_ce_sums: jax.Array, weights) -> jax.Array:
+    """The trained loss with early exits: (CE_last + sum_e w_e CE_e) / (1 + sum_e w_e), each CE a
+    weighted token sum (the caller divides by the batch's token weight)."""
+    w = jnp.asarray(weights, jnp.float32)
+    return (ce_sum + jnp.sum(w * exit_ce_sums)) / (1.0 + jnp.sum(w))
 
 
 def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None):
     """Sums over weighted tokens; the caller divides by the total weight of the whole batch, so
     that microbatching gives the same loss and gradient as one big batch. The router losses are
     per batch, so they enter weighted by this batch's token weight."""
-    ce, log_z, predictions, routers = token_losses(graphdef, params, batch, dropout_key)
+    ce, log_z, predictions, routers, exits = token_losses(graphdef, params, batch, dropout_key)
     w = batch["weights"]
     ce_sum = jnp.sum(w * ce)
     z_sum = jnp.sum(w * jnp.square(log_z))
@@ -71,6 +97,10 @@ def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None
     stats = {"ce_sum": ce_sum, "z_sum": z_sum, "weight": weight,
              "correct": jnp.sum(w * (predictions == batch["targets"]))}
     total = ce_sum + cfg.train.z_loss * z_sum
+    if exits is not None:  # the last layer's CE and each exit's, weighted (model.recursion.exit_weights)
+        exit_ce_sums = jnp.sum(w * exits["ce"], axis=(1, 2))
+        total = exit_objective(ce_sum, exit_ce_sums, exit_weights(cfg.model)) + cfg.train.z_loss * z_sum
+        stats.update(exit_ce_sums=exit_ce_sums, objective_sum=total - cfg.train.z_loss * z_sum)
     if routers:  # per layer: balance summed over layers, router z-loss averaged
         balance = sum(jnp.sum(r["balance"]) for r in routers)
         router_z = sum(jnp.sum(r["z"]) for r in routers) / sum(r["z"].shape[0] for r in routers)
@@ -124,6 +154,10 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,
                    "finite": finite}
+        if "exit_ce_sums" in stats:  # "loss" stays the last layer's CE, comparable across runs
+            metrics.update(objective=stats["objective_sum"] / weight,
+                           **{f"loss_exit{d}": stats["exit_ce_sums"][i] / weight
+                              for i, d in enumerate(recursion_exits(cfg.model))})
         if "balance_sum" in stats:
             metrics.update(router_balance=stats["balance_sum"] / weight, router_z=stats["router_z_sum"] / weight,
                            expert_usage=[u / weight for u in stats["usage_sums"]],
@@ -135,8 +169,11 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
 def make_eval_step(graphdef: nnx.GraphDef):
     def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
-        ce, _, predictions, _ = token_losses(graphdef, params, batch)
+        ce, _, predictions, _, exits = token_losses(graphdef, params, batch)
         w = batch["weights"]
-        return {"ce_sum": jnp.sum(w * ce), "weight": jnp.sum(w), "predictions": predictions}
+        out = {"ce_sum": jnp.sum(w * ce), "weight": jnp.sum(w), "predictions": predictions}
+        if exits is not None:  # per exit: CE sum [exits] and predictions [exits, B, L]
+            out.update(exit_ce_sums=jnp.sum(w * exits["ce"], axis=(1, 2)), exit_predictions=exits["predictions"])
+        return out
 
     return eval_step
