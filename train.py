@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Train a layerjax model: `python train.py [--config PRESET] [section.field=value ...]`.
 
-Running the same command again resumes from the latest checkpoint in train.run_dir.
+Running the same command again resumes from the latest checkpoint in train.run_dir. Exit codes:
+0 completed (or already finished), 1 error, 2 bad command line, 3 stopped on non-finite values,
+75 stopped by SIGTERM/SIGINT after saving a checkpoint (requeue and run the same command).
 """
 
-from layerjax.cli import train_main
+from layerjax.cli import exit_code, train_main
 
 if __name__ == "__main__":
-    train_main()
+    raise SystemExit(exit_code(train_main()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import pathlib
 import tomllib
 import typing
@@ -59,12 +60,14 @@ class AdapterConfig:
     """Low-rank adapters for fine-tuning a frozen base: LoRA, MoLA (LoRA experts on every targeted
     projection, their number varying with depth) or MoLE (experts on the MLP, one router per layer)."""
 
-    kind: str = "none"  # none | lora | mola | mole
+    # "lora": one low-rank delta per targeted projection; "mola": LoRA experts on each targeted
+    # projection, each with its own token router; "mole": experts on the MLP, one router per layer.
+    kind: str = "none"
     targets: tuple[str, ...] = ADAPTER_TARGETS  # projections that get an adapter (mole: the MLP ones)
-    rank: int = 8
+    rank: int = 8  # rank of each low-rank delta B A (of each expert under mola / mole)
     alpha: float = 16.0  # the delta is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
-    rslora: bool = False
-    dropout: float = 0.05  # on the adapter's input (the router reads it before dropout)
+    rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(rank) instead of alpha / rank
+    dropout: float = 0.05  # dropout rate on the adapter's input (the router reads it before dropout)
     # mola/mole: LoRA experts per layer, one entry per layer, or a pattern over equal blocks of
     # depth: "2,4,6,8" gives each quarter of the layers 2, 4, 6 and 8 experts (MoLA's triangle).
     experts: tuple[str, ...] = ("2", "4", "6", "8")
@@ -86,39 +89,43 @@ class RecursionConfig:
     # "sequence" floor(l / R) (each block R times in a row); "middle_*" the same over depths
     # 1..L-2, with the first and the last layer unshared.
     pattern: str = "cycle"
-    # Per-depth relaxation W_shared x + B_l A_l x (scale 1) on these projections; 0: none.
-    lora_rank: int = 0  # rank on the attention projections (q, k, v, o)
-    lora_rank_mlp: int = -1  # rank on the MLP projections (gate, up, down); -1: lora_rank
-    lora_targets: tuple[str, ...] = ADAPTER_TARGETS
+    # Rank of the per-depth relaxation W_shared x + B_l A_l x (scale 1) of the attention
+    # projections (q, k, v, o) named in lora_targets; 0: none.
+    lora_rank: int = 0
+    lora_rank_mlp: int = -1  # the same for the MLP projections (gate, up, down); -1: lora_rank
+    lora_targets: tuple[str, ...] = ADAPTER_TARGETS  # projections relaxed per depth (ranks: lora_rank*)
     # Early exit: extra losses on the shared head (through the final norm) after these depths
     # (counted in layers run, 1..num_layers-1), or "loops" for after every loop but the last.
     exits: tuple[str, ...] = ()
-    exit_weights: tuple[str, ...] = ()  # one weight per exit, or one for all (default 1); the last layer's loss weighs 1
+    # Loss weight of each exit, or one for all (default 1); the last layer's loss weighs 1.
+    exit_weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 0  # 0: taken from the data source's tokenizer
-    num_layers: int = 4
-    d_model: int = 256
-    num_heads: int = 4
-    num_kv_heads: int = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention
-    head_dim: int = 0  # 0: d_model // num_heads
-    d_ff: int = 0  # 0: 4*d_model for gelu, 8/3*d_model rounded up to a multiple of 64 for swiglu/geglu
+    vocab_size: int = 0  # token vocabulary; 0: taken from the data source's tokenizer
+    num_layers: int = 4  # layers, i.e. depths (with model.recursion, fewer shared blocks run them)
+    d_model: int = 256  # width of the residual stream and the embeddings
+    num_heads: int = 4  # query heads per attention layer
+    num_kv_heads: int = 0  # key/value heads; 0: same as num_heads (multi-head); fewer: grouped-query attention
+    head_dim: int = 0  # width of each head; 0: d_model // num_heads
+    d_ff: int = 0  # MLP hidden width; 0: 4*d_model for gelu, 8/3*d_model rounded up to 64s for swiglu/geglu
+    # Longest sequence the model takes: rows of learned positions, the limit of sampling, and the
+    # context length an export declares; data.seq_len may not exceed it.
     max_seq_len: int = 256
-    positions: str = "rope"
-    rope_theta: float = 10000.0
+    positions: str = "rope"  # rope: q and k rotated by position; learned: a position embedding added; none
+    rope_theta: float = 10000.0  # RoPE base: pair i of a head rotates at rope_theta^(-2i / rotated dims)
     # RoPE frequency scaling as Hugging Face computes it: "linear" divides every frequency by
     # rope_factor; "llama3" divides only the low ones, blending between the two wavelength bounds
     # rope_original_max_len / rope_low_freq_factor and rope_original_max_len / rope_high_freq_factor.
     rope_scaling: str = "none"
     rope_factor: float = 1.0  # linear and llama3: the context extension factor
-    rope_low_freq_factor: float = 1.0  # llama3 only
-    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_max_len / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
     rope_original_max_len: int = 8192  # llama3 only: the context length the model was trained at
     rope_fraction: float = 1.0  # partial RoPE (GPT-NeoX): rotate the first int(head_dim * this) dims
     mlp: str = "swiglu"  # swiglu and geglu are gated (silu / tanh-GELU on the gate); gelu is not
-    norm_type: str = "rms"
+    norm_type: str = "rms"  # every norm is an RMSNorm ("rms") or a LayerNorm ("layer")
     norm: str = "pre"  # norm scheme of every layer, unless layer_norms overrides it
     mix_alpha: float = 0.25  # norm=mix: the first floor(mix_alpha * num_layers) layers are Post-LN
     deepnorm_alpha: float = 0.0  # norm=deepnorm: the residual multiplier; 0: (2 * num_layers)^(1/4)
@@ -126,9 +133,9 @@ class ModelConfig:
     # e.g. ("0-2:post",); any scheme but mix. Neighbouring equal layers share one scanned segment.
     layer_norms: tuple[str, ...] = ()
     embed_norm: bool = False  # a norm on the embedding output (optional in Peri-LN)
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # added to the variance (mean square for rms) inside every norm
     norm_offset: bool = False  # every norm computes x_hat * (1 + w), w initialised to 0 (Gemma)
-    qk_norm: bool = False
+    qk_norm: bool = False  # normalise queries and keys before their dot product (see qk_norm_scope)
     # "head": each head's q and k normalised over head_dim (Qwen3); "full": all of a token's q
     # (heads * head_dim values) and all of its k with one norm each (OLMo-2).
     qk_norm_scope: str = "head"
@@ -144,22 +151,24 @@ class ModelConfig:
     # q, k, v before RoPE), "C" (before the MLP, after its norm), "D" (on the MLP's hidden
     # pre-activation), e.g. "ABCD". Causal depthwise conv of canon_kernel taps.
     canon: str = ""  # "" or "none": no canon layers
-    canon_kernel: int = 4
-    canon_residual: bool = True
-    canon_bias: bool = False
+    canon_kernel: int = 4  # taps of each canon convolution: a token and the kernel-1 before it
+    canon_residual: bool = True  # a canon layer outputs h + conv(h); false: conv(h) alone
+    canon_bias: bool = False  # a bias on the convolution
     canon_activation: bool = False  # SiLU on the convolution
     canon_trainable: bool = True  # false: canon weights stay at their random init (frozen)
-    final_norm: bool = True
+    final_norm: bool = True  # a norm on the last layer's output, before the head
     use_bias: bool = False  # a bias on every projection and every norm (GPT-2)
     # Projections with a bias when use_bias is false: any of "q", "k", "v", "o" (attention), "up"
     # (the MLP's input side: gate and up, or w_in) and "down" (its output), e.g. Qwen2's q, k, v.
     bias_projections: tuple[str, ...] = ()
     embed_scale: bool = False  # multiply the token embeddings by sqrt(d_model) (Gemma; not the tied head)
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the output head is the token embedding table; false: a separate matrix
+    init_std: float = 0.02  # std of the normal init of embeddings, attention and MLP weights (DeepNorm scales some)
     # Packed rows hold several documents; with this on, attention never crosses a document.
     document_mask: bool = True
-    scan_layers: bool = True  # False: unrolled python loop over layers (for debugging)
+    scan_layers: bool = True  # one scan per segment of equal layers; false: a python loop (for debugging)
+    # Rematerialisation of each layer in the backward pass: "none" keeps its activations; "full"
+    # recomputes the layer; "save_matmuls" keeps the weight matmuls' outputs, recomputes the rest.
     remat: str = "none"
     dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
     param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in
@@ -171,23 +180,23 @@ class ModelConfig:
 class DepoConfig:
     """Depo (Physics of LMs 4.1): k-th successor queries over random directed cycles."""
 
-    min_nodes: int = 4  # nodes per cycle
-    max_nodes: int = 8
+    min_nodes: int = 4  # fewest nodes of a cycle (each cycle's size is uniform in min_nodes..max_nodes)
+    max_nodes: int = 8  # most nodes of a cycle
     num_cycles: int = 1  # cycles per sample
     max_hops: int = 4  # k is drawn from 1..max_hops
     queries: int = 1  # queries per sample
     name_vocab: int = 32  # distinct tokens names are spelled with
-    min_name_len: int = 1
-    max_name_len: int = 2
+    min_name_len: int = 1  # fewest tokens in a node's name
+    max_name_len: int = 2  # most tokens in a node's name
 
 
 @dataclass(frozen=True)
 class BrevoConfig:
     """Brevo (Physics of LMs 4.1): list all ancestors of a query node of a random DAG."""
 
-    min_nodes: int = 5
-    max_nodes: int = 8  # the longest sample (125 tokens) fits data.seq_len=128
-    max_degree: int = 4  # in- and out-degree bound
+    min_nodes: int = 5  # fewest nodes of a DAG (each DAG's size is uniform in min_nodes..max_nodes)
+    max_nodes: int = 8  # most nodes of a DAG; 8: the longest sample (125 tokens) fits data.seq_len=128
+    max_degree: int = 4  # bound on each node's in-degree and out-degree
     name_vocab: int = 32  # single-token node names, distinct within a sample
 
 
@@ -196,18 +205,18 @@ class ManoConfig:
     """Mano (Physics of LMs 4.1): prefix-notation +, -, x expressions mod `modulus`."""
 
     min_ops: int = 1  # operators per expression (L), drawn uniformly from min_ops..max_ops
-    max_ops: int = 4
-    modulus: int = 23
+    max_ops: int = 4  # most operators per expression
+    modulus: int = 23  # the arithmetic is mod this; numbers are 0..modulus-1, one token each
 
 
 @dataclass(frozen=True)
 class RecallConfig:
     """Associative recall: key-value pairs, then queries for some keys' values."""
 
-    pairs: int = 16
-    queries: int = 4
+    pairs: int = 16  # key-value pairs listed per sample
+    queries: int = 4  # queries per sample, each for the value of a listed key
     num_keys: int = 64  # distinct key tokens (keys in a sample are distinct)
-    num_values: int = 64
+    num_values: int = 64  # distinct value tokens (values may repeat within a sample)
 
 
 @dataclass(frozen=True)
@@ -215,7 +224,7 @@ class SFTConfig:
     """Supervised fine-tuning records (data.source=sft; README "Supervised fine-tuning data")."""
 
     prompt_field: str = "prompt"  # JSONL field of a prompt/response record's prompt
-    response_field: str = "response"  # ... and of its response (the trained part)
+    response_field: str = "response"  # JSONL field of a prompt/response record's response (the trained part)
     messages_field: str = "messages"  # JSONL field of a chat record: a list of {role, content}
     task_field: str = "task"  # optional per-record task name: one exact-match bucket per task; "" ignores it
     template: str = "simple"  # "simple": <|user|>/<|assistant|> markers; "jinja": data.sft.chat_template
@@ -225,16 +234,18 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # Generated tasks (depo, brevo, mano, recall: settings in their sections; synthetic_random:
+    # uniform tokens), text files or SFT records (both read from data.paths).
     source: str = "depo"
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per row; documents are packed into rows of this length
     batch_size: int = 32  # global batch, in sequences
-    seed: int = 0
+    seed: int = 0  # seeds generated samples and the shuffle order of text and SFT data
     paths: tuple[str, ...] = ()  # source=text: .txt, .jsonl or .parquet files; source=sft: .jsonl files
-    text_field: str = "text"  # for .jsonl / .parquet
+    text_field: str = "text"  # the field holding each document's text in .jsonl / .parquet files
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
-    val_fraction: float = 0.05
-    synthetic_vocab: int = 4096  # for source=synthetic_random
-    num_eval_batches: int = 8
+    val_fraction: float = 0.05  # source=text/sft: the last fraction of documents (records) is held out for eval
+    synthetic_vocab: int = 4096  # source=synthetic_random: tokens are uniform in [0, synthetic_vocab)
+    num_eval_batches: int = 8  # held-out batches per eval, the same ones every time
     depo: DepoConfig = field(default_factory=DepoConfig)
     brevo: BrevoConfig = field(default_factory=BrevoConfig)
     mano: ManoConfig = field(default_factory=ManoConfig)
@@ -244,32 +255,44 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate of AdamW, reached after warmup
+    # After warmup: cosine or linear decay to min_lr_ratio * lr, constant, or wsd (stay at lr,
+    # then decay linearly over the last decay_fraction of the steps).
     schedule: str = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine, linear, wsd)
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    b1: float = 0.9  # Adam's decay rate of the first moment (mean) of the gradients
+    b2: float = 0.95  # Adam's decay rate of the second moment (mean square) of the gradients
+    eps: float = 1e-8  # added to the root of the second moment in Adam's denominator
+    weight_decay: float = 0.1  # AdamW's decoupled decay; each step shrinks weights by lr * weight_decay
     # Parameter kinds spared from weight decay: any of "norm", "bias", "embed".
     no_decay: tuple[str, ...] = ("norm", "bias")
-    clip_norm: float = 1.0  # 0 disables global-norm clipping
+    clip_norm: float = 1.0  # gradients are scaled down to at most this global norm; 0: no clipping
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 600  # optimizer steps of the whole run (a resumed run continues up to this)
     microbatches: int = 1  # gradient accumulation inside the step
-    seed: int = 0
-    z_loss: float = 0.0
+    seed: int = 0  # seeds the parameter init and dropout (data.seed seeds the data)
+    z_loss: float = 0.0  # coefficient of the mean squared log-partition (log Z) of the output logits
     # A non-finite loss or gradient: "stop" ends the run naming the last good checkpoint;
     # "skip" drops that update and goes on.
     on_nonfinite: str = "stop"
-    log_every: int = 20
-    eval_every: int = 200
+    # on_nonfinite="skip": stop the run after more than this many dropped updates in a row (0: never).
+    max_skipped_in_row: int = 20
+    # on_nonfinite="skip": stop the run when more than this fraction of its steps dropped their
+    # update (checked from 20 steps on; 1: never). summary.json counts them (skipped_updates).
+    max_skipped_fraction: float = 0.2
+    log_every: int = 20  # write train metrics (loss, tokens/s, MFU) every N steps
+    eval_every: int = 200  # evaluate on the held-out batches at step 0, every N steps and at the end; 0: never
+    # Where checkpoints, config.toml, metrics.jsonl, TensorBoard logs and plots go; running the same
+    # command again resumes from its latest checkpoint.
     run_dir: str = "runs/default"
+    # "a-b": record a jax.profiler trace of steps a..b (1-based, inclusive) into <run_dir>/profile,
+    # for TensorBoard's profile tab or Perfetto ("": off). Start at 2 or later: step 1 compiles.
+    profile_steps: str = ""
     # A run directory (e.g. one written by tools/import_hf.py) whose latest checkpoint's parameters
     # start this run when train.run_dir has no checkpoint yet; the optimizer state starts fresh.
     init_from: str = ""
@@ -280,15 +303,16 @@ class MeshShape:
     """Devices per mesh axis. 0: unset (1, or all remaining devices for the axis the rules preset
     splits the batch over); -1: all remaining devices (at most one axis)."""
 
-    data: int = 0
-    fsdp: int = 0
-    expert: int = 0
-    tensor: int = 0
+    data: int = 0  # data parallel: the batch is split over it, parameters replicated
+    fsdp: int = 0  # the batch is split over it, and (rules fsdp, fsdp_tp) weights along their model width
+    expert: int = 0  # the batch is split over it, and (rules fsdp, fsdp_tp, tp) LoRA experts
+    tensor: int = 0  # (rules fsdp_tp, tp) attention heads and MLP width are split over it
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    # Logical-axis rules preset (layerjax/sharding.py): dp, fsdp, fsdp_tp, tp, or custom.
+    # Which logical axes are split over which mesh axes: a preset of layerjax/sharding.py, or
+    # custom (the table in mesh.custom_rules).
     rules: str = "dp"
     shape: MeshShape = field(default_factory=MeshShape)
     # rules=custom: "logical=axis[+axis]" entries, e.g. ["batch=data+fsdp", "embed=fsdp", "mlp=tensor"].
@@ -298,32 +322,41 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 200  # 0 disables periodic checkpoints (the final one is still written)
-    keep: int = 2
-    async_save: bool = True
+    every: int = 200  # save every N steps; 0 disables periodic checkpoints (the final one is still written)
+    keep: int = 2  # how many of the latest checkpoints stay on disk
+    async_save: bool = True  # write checkpoints in the background while training goes on
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    # A progress bar with loss, tokens/s and MFU (process 0 only) when stdout is a terminal; under
+    # SLURM, nohup or CI (or with false) one plain line per log step instead.
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # also write metrics as TensorBoard events to <run_dir>/tensorboard
     # Per-layer gradient norms and residual-stream statistics every N steps, from one extra
     # forward/backward pass on the step's batch (0: off; cheap for small models).
     layer_stats_every: int = 0
     # At each eval: the angular-distance heatmap between all layers' hidden states and each
     # layer's removal sensitivity (one extra eval pass per layer).
     layer_eval: bool = False
+    # FLOP/s per device that MFU divides by; 0: measured at start by a matmul probe in model.dtype
+    # (a bf16 probe for bf16 runs). Give the datasheet figure to compare across machines.
+    peak_flops: float = 0.0
+    # Weights & Biases project to log to as well ("": off); needs `pip install -e '.[wandb]'`.
+    # Set WANDB_MODE=offline to log without a network (`wandb sync` uploads later).
+    wandb_project: str = ""
+    wandb_entity: str = ""  # W&B team or user ("": your default entity)
 
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the architecture, layer by layer
+    data: DataConfig = field(default_factory=DataConfig)  # what is trained on, and how it is batched
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, clipping and the learning-rate schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop: steps, seeds, logging, run directory
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # how devices are arranged and what is sharded over them
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # Orbax checkpoints in train.run_dir
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # progress bar, TensorBoard, per-layer diagnostics
 
 
 
@@ -471,10 +504,53 @@ def load_preset(name: str, _seen: tuple = ()) -> dict:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    parent = raw.pop("extends", None)
-    if parent:
-        return _merge(load_preset(parent, _seen + (path,)), raw)
-    return raw
+    _resolve_input_paths(raw, path.parent)
+    if "extends" not in raw:
+        return raw
+    parent = raw.pop("extends")
+    # TOML happily parses `extends = 3` or `extends = ["a", "b"]`; only one preset name means anything.
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends={parent!r} must name one preset or .toml path as a string, "
+                          'e.g. extends = "default"')
+    return _merge(load_preset(parent, _seen + (path,)), raw)
+
+
+REPO_DIR = CONFIG_DIR.parent
+
+
+def _input_path(name: str, base: pathlib.Path) -> str:
+    """A data file named in a preset: relative names are read from the preset's folder, or from
+    the repository for the presets in configs/ (whose examples name repo-relative files), never
+    from wherever the command happens to run; absolute and ~ paths are kept."""
+    path = pathlib.Path(name).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidates = [base / path, REPO_DIR / path]
+    found = next((c for c in candidates if c.exists()), None)
+    default = REPO_DIR / path if base.resolve() == CONFIG_DIR else base / path
+    return str((found or default).resolve())
+
+
+def _resolve_input_paths(raw: dict, base: pathlib.Path) -> None:
+    """Resolves data.paths and a data.tokenizer file of a preset's raw TOML in place."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    if isinstance(data.get("paths"), list):
+        data["paths"] = [_input_path(p, base) if isinstance(p, str) else p for p in data["paths"]]
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, str) and tokenizer not in ("", "byte"):
+        data["tokenizer"] = _input_path(tokenizer, base)
+
+
+def _absolute_inputs(cfg: Config) -> Config:
+    """Command-line data paths are relative to the current directory: made absolute, so the run's
+    saved config.toml reads the same files from anywhere."""
+    d = cfg.data
+    absolute = lambda name: str(pathlib.Path(name).expanduser().resolve())
+    tokenizer = d.tokenizer if d.tokenizer in ("", "byte") else absolute(d.tokenizer)
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, paths=tuple(absolute(p) for p in d.paths),
+                                                            tokenizer=tokenizer))
 
 
 def config_from_dict(values: dict) -> Config:
@@ -490,7 +566,7 @@ def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ())
     cfg = Config()
     if preset:
         cfg = _apply(cfg, load_preset(preset))
-    cfg = _apply(cfg, parse_overrides(overrides))
+    cfg = _absolute_inputs(_apply(cfg, parse_overrides(overrides)))
     if cfg.model.canon.lower() == "none":  # spelled out, e.g. in ablation grids: model.canon=none,ABCD
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, canon=""))
     validate(cfg)
@@ -541,6 +617,25 @@ def _get(cfg, key: str):
     return node
 
 
+def _require(values: dict[str, float], inside: typing.Callable[[float], bool], expected: str,
+             why: str = "") -> None:
+    """One range check for several settings: raises naming the first value that is not `inside`.
+    Without a `why`, the message suggests the default as a value known to work."""
+    for key, value in values.items():
+        if not inside(value):
+            hint = f" ({why})" if why else f"; e.g. the default {key}={_get(Config(), key)}"
+            raise ConfigError(f"{key}={value} must be {expected}{hint}")
+
+
+def _require_finite(cfg: Config) -> None:
+    """NaN compares false with everything, so it would slip past every range check below; and no
+    setting means anything at infinity. So every float setting must be finite, checked first."""
+    for key in all_keys():
+        value = _get(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; e.g. the default {key}={_get(Config(), key)}")
+
+
 def validate(cfg: Config) -> None:
     """Raises ConfigError for the first problem found, before anything expensive happens."""
     for key, allowed in CHOICES.items():
@@ -551,17 +646,37 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key} has {bad}; every entry must be one of {list(allowed)}")
         elif value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
-    m = cfg.model
-    positive = {
+    _require_finite(cfg)
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    _require({
         "model.num_layers": m.num_layers, "model.d_model": m.d_model, "model.num_heads": m.num_heads,
-        "model.max_seq_len": m.max_seq_len, "data.seq_len": cfg.data.seq_len,
-        "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
-        "train.microbatches": cfg.train.microbatches, "train.log_every": cfg.train.log_every,
+        "model.max_seq_len": m.max_seq_len, "model.rope_theta": m.rope_theta, "data.seq_len": cfg.data.seq_len,
+        "data.batch_size": cfg.data.batch_size, "train.steps": t.steps,
+        "train.microbatches": t.microbatches, "train.log_every": t.log_every,
         "checkpoint.keep": cfg.checkpoint.keep,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
+    }, lambda v: v > 0, "positive")
+    # Cadences: 0 is how one is turned off; a negative one is a typo, not a cadence (the loop's
+    # `step % n` would quietly fire every |n| steps).
+    _require({"train.eval_every": t.eval_every, "checkpoint.every": cfg.checkpoint.every,
+              "logging.layer_stats_every": cfg.logging.layer_stats_every,
+              "train.max_skipped_in_row": t.max_skipped_in_row},
+             lambda v: v >= 0, ">= 0", "0 turns it off")
+    _require({"optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.clip_norm": o.clip_norm,
+              "optim.weight_decay": o.weight_decay, "optim.eps": o.eps, "train.z_loss": t.z_loss,
+              "model.init_std": m.init_std, "model.norm_eps": m.norm_eps,
+              "model.adapter.balance_loss": m.adapter.balance_loss,
+              "model.adapter.router_z_loss": m.adapter.router_z_loss,
+              "data.num_eval_batches": cfg.data.num_eval_batches}, lambda v: v >= 0, ">= 0")
+    # Adam's moment decays: with b = 1 a moment never moves from 0 and its bias correction divides by 1 - b^t = 0.
+    _require({"optim.b1": o.b1, "optim.b2": o.b2}, lambda v: 0 <= v < 1, "in [0, 1)")
+    _require({"optim.min_lr_ratio": o.min_lr_ratio, "optim.decay_fraction": o.decay_fraction,
+              "train.max_skipped_fraction": t.max_skipped_fraction}, lambda v: 0 <= v <= 1, "in [0, 1]")
+    if t.eval_every and cfg.data.num_eval_batches == 0:
+        raise ConfigError(f"train.eval_every={t.eval_every} evaluates on data.num_eval_batches=0 batches; "
+                          "set data.num_eval_batches >= 1, or train.eval_every=0 to turn eval off")
+    if not t.run_dir.strip():  # an empty path is the current directory: checkpoints would land among the sources
+        raise ConfigError("train.run_dir is empty, which would write the run into the current directory; "
+                          "name a directory, e.g. train.run_dir=runs/my_run")
     if m.head_dim == 0 and m.d_model % m.num_heads:
         raise ConfigError(
             f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
@@ -594,9 +709,7 @@ def validate(cfg: Config) -> None:
     nonnegative = {"model.attn_scale": m.attn_scale, "model.attn_softcap": m.attn_softcap,
                    "model.final_softcap": m.final_softcap, "model.sliding_window": m.sliding_window,
                    "model.deepnorm_alpha": m.deepnorm_alpha}
-    for key, value in nonnegative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0 (0 keeps the default: off, or the standard value)")
+    _require(nonnegative, lambda v: v >= 0, ">= 0", "0 keeps the default: off, or the standard value")
     if m.window_pattern and not m.sliding_window:
         raise ConfigError(
             f"model.window_pattern={list(m.window_pattern)} has no effect without a window: "
@@ -615,8 +728,7 @@ def validate(cfg: Config) -> None:
     bad = set(cfg.optim.no_decay) - {"norm", "bias", "embed"}
     if bad:
         raise ConfigError(f"optim.no_decay has {sorted(bad)}; allowed: ['norm', 'bias', 'embed']")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    _require({"data.val_fraction": cfg.data.val_fraction}, lambda v: 0 <= v < 1, "in [0, 1)")
     d = cfg.data.depo
     if not 2 <= d.min_nodes <= d.max_nodes:
         raise ConfigError(f"data.depo needs 2 <= min_nodes <= max_nodes, got {d.min_nodes}, {d.max_nodes}")
@@ -624,11 +736,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.depo needs 1 <= min_name_len <= max_name_len")
     if not 0.0 <= m.mix_alpha <= 1.0:
         raise ConfigError(f"model.mix_alpha={m.mix_alpha} must be in [0, 1] (the Post-LN fraction of layers)")
-    if cfg.logging.layer_stats_every < 0:
-        raise ConfigError(f"logging.layer_stats_every={cfg.logging.layer_stats_every} must be >= 0 (0 turns it off)")
     if d.max_hops < 1:
         raise ConfigError(f"data.depo.max_hops={d.max_hops} must be at least 1")
     _validate_sft(cfg.data.sft)
+    profile_range(cfg.train)
     # Imported here: the plan parses layer_norms and raises ConfigError on bad entries.
     from layerjax.model.plan import build_plan
 
@@ -780,3 +891,18 @@ def d_ff(m: ModelConfig) -> int:
     if m.mlp == "gelu":
         return 4 * m.d_model
     return -(-int(8 * m.d_model / 3) // 64) * 64
+
+
+def profile_range(t: TrainConfig) -> tuple[int, int] | None:
+    """train.profile_steps "a-b" (or "a") -> (a, b), 1-based inclusive; None when off."""
+    if not t.profile_steps:
+        return None
+    first, _, last = t.profile_steps.partition("-")
+    try:
+        span = (int(first), int(last or first))
+    except ValueError:
+        raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be 'a-b' (steps a to b) or 'a', "
+                          "e.g. train.profile_steps=10-12") from None
+    if not 1 <= span[0] <= span[1] <= t.steps:
+        raise ConfigError(f"train.profile_steps={t.profile_steps!r} must satisfy 1 <= a <= b <= train.steps={t.steps}")
+    return span

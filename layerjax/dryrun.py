@@ -9,6 +9,7 @@ from layerjax import sharding
 from layerjax.config import Config
 from layerjax.data.pipeline import build_data
 from layerjax.train.flops import flops_per_token, matmul_params, relax_matmul_params, unique_matmul_params
+from layerjax.train.memory import estimate_memory, human_bytes, memory_limit, shortfall
 from layerjax.train.state import build_setup, resolve_vocab
 
 
@@ -49,7 +50,18 @@ def dry_run_report(cfg: Config) -> str:
         f"per device           params {sharding.per_device_bytes(state.params, setup.state_shardings.params) / 2**20:.1f} MiB, "
         f"optimizer state {sharding.per_device_bytes(state.opt_state, setup.state_shardings.opt_state) / 2**20:.1f} MiB "
         f"(total unsharded {(_bytes(state.params) + _bytes(state.opt_state)) / 2**20:.1f} MiB)",
+        _memory_line(cfg),
         "",
         sharding.describe(state.params, setup.rules, setup.mesh),
     ]
     return "\n".join(lines)
+
+
+def _memory_line(cfg: Config) -> str:
+    """The estimate training refuses by (train/memory.py): shown, not raised, so that a dry run can
+    size a config for a bigger machine than this one."""
+    estimate, limit = estimate_memory(cfg), memory_limit()
+    problem = shortfall(cfg, estimate, limit, jax.local_devices()[0].platform)
+    verdict = ("no memory limit known for this device" if limit is None else f"{problem} (training refuses it)"
+               if problem else f"fits in the {human_bytes(limit[0])} of {limit[1]}")
+    return f"memory estimate      {estimate.describe()}; {verdict}"

@@ -19,7 +19,7 @@ def test_defaults_presets_and_overrides():
 
 def test_preset_extends_parent(tmp_path):
     child = tmp_path / "child.toml"
-    child.write_text(f'extends = "default"\n[model]\nnum_layers = 7\n')
+    child.write_text('extends = "default"\n[model]\nnum_layers = 7\n')
     cfg = load_config(str(child))
     assert cfg.model.num_layers == 7 and cfg.model.d_model == load_config("default").model.d_model
     assert "extends" not in load_preset(str(child))

@@ -1,7 +1,6 @@
 """Sharding: equal losses on every mesh and preset, two processes == one, checkpoints restore
 under another mesh, golden PartitionSpecs per preset, and clear errors for bad meshes."""
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -113,7 +112,7 @@ def test_two_process_training_run_logs_once_and_checkpoints(tmp_path):
     data = json.loads(next((run_dir / "checkpoints" / "4" / "data").glob("*")).read_text())
     assert data["process_count"] == 2 and len(data["states"]) == 2  # each process's own data position
     coordinator = f"localhost:{_free_port()}"
-    outputs = launch("train.steps=6")  # both processes resume their state and their data position
+    outputs = launch("train.steps=6", "--allow-config-change")  # both resume their state and data position
     assert "resumed from step 4" in outputs[0]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]

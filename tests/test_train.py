@@ -5,20 +5,21 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE, TINY_RUN
 from layerjax.config import load_config
 from layerjax.data.pipeline import build_data
-from layerjax.train.loop import NonFiniteError, train
+from layerjax.cli import EXIT_NONFINITE, train_main
+from layerjax.train.loop import train
 from layerjax.train.metrics import read_metrics
 from layerjax.train.optimizer import decay_mask, lr_schedule
 from layerjax.train.state import build_setup, init_state, jit_train_step, resolve_vocab
@@ -87,16 +88,25 @@ def test_microbatches_match_one_batch(tmp_path):
                  state_one.params, state_four.params)
 
 
-def test_nonfinite_step_stops_with_clear_message(tmp_path):
-    cfg = tiny_config(tmp_path, "train.steps=5", "optim.lr=nan", "checkpoint.every=0")
-    with pytest.raises(NonFiniteError, match=r"step 1: non-finite .*no checkpoint was saved yet"):
-        train(cfg)
+# An lr of 1e38 keeps the loss and the gradient finite but overflows the update's norm in float32.
+HUGE_LR = "optim.lr=1e38"
+
+
+def test_nonfinite_step_stops_with_one_line_and_exit_code_3(tmp_path, capsys):
+    """The message says which value was not finite (here only the update's norm overflows)."""
+    with pytest.raises(SystemExit) as stop:
+        train_main([*TINY, f"train.run_dir={tmp_path}", "train.steps=5", HUGE_LR, "optim.warmup_steps=0",
+                    "checkpoint.every=0"])
+    assert stop.value.code == EXIT_NONFINITE == 3
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"stopped: step 1: the optimizer update is not finite although the loss and the gradient "
+                        r"are \(loss=\S+, grad_norm=\S+, update_norm=inf\); no checkpoint was saved yet\. .*\n", err)
 
 
 def test_nonfinite_step_skipped_when_configured(tmp_path):
-    cfg = tiny_config(tmp_path, "train.steps=3", "optim.lr=nan", "train.on_nonfinite=skip")
+    cfg = tiny_config(tmp_path, "train.steps=3", HUGE_LR, "optim.warmup_steps=0", "train.on_nonfinite=skip")
     summary = train(cfg)
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and summary["skipped_updates"] == 3
     _, initial = _step_losses(tiny_config(tmp_path), steps=0)
     from layerjax.train.checkpoint import load_run
 
@@ -147,11 +157,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
         time.sleep(0.2)  # the first logged step: compiled and training
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 75, output  # EX_TEMPFAIL: preempted after saving, requeue
     assert "SIGTERM: saved a checkpoint at step" in output
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 5
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGTERM" and summary["last_checkpoint"] == saved[-1]
-    resumed = train(load_config("default", [*TINY, f"train.run_dir={run_dir}", f"train.steps={saved[-1] + 2}"]))
+    resumed = train(load_config("default", [*TINY, f"train.run_dir={run_dir}", f"train.steps={saved[-1] + 2}"]),
+                    allow_config_change=True)
     assert resumed["steps"] == saved[-1] + 2 and resumed["stopped_by"] == "completed"

@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Run an ablation grid and compare its cells:
+"""Run an ablation grid of training runs and compare its cells, e.g.
 
     python tools/ablate.py --config ablate_tiny --grid model.norm=pre,post,mix,peri,lns --grid seed=0,1 \\
         --out runs/ablate_norms [--set section.field=value ...]
 
-Every combination of --grid values is one training run in <out>/cells/<name>/, run in order.
-Running the same command again skips finished cells and resumes an interrupted one from its
-checkpoint. `seed` sets train.seed and data.seed together; a grid over optim.lr adds the
-learning-rate sensitivity of Wortsman et al. (2023). --variant NAME="key=v key=v" (repeatable)
-adds a "variant" axis whose values each set several keys at once, e.g. a fine-tuning method and
-its rank (configs/mola_study.toml). Writes <out>/results.md, results.csv and
-PNG plots (loss curves, per-layer gradient-norm and variance profiles, angular-distance
-heatmaps, layer-removal bars; lr_sensitivity.png for an lr grid). --report redraws them only.
+The base config is the ablate_tiny preset unless --config names another. Every combination of
+--grid values is one training run in <out>/cells/<name>/, run in order. Running the same command
+again skips finished cells and resumes an interrupted one from its checkpoint. `seed` sets
+train.seed and data.seed together; a grid over optim.lr adds the learning-rate sensitivity of
+Wortsman et al. (2023). --variant NAME="key=v key=v" (repeatable) adds a "variant" axis whose
+values each set several keys at once, e.g. a fine-tuning method and its rank
+(configs/mola_study.toml). Writes <out>/results.md, results.csv and PNG plots (loss curves,
+per-layer gradient-norm and variance profiles, angular-distance heatmaps, layer-removal bars;
+lr_sensitivity.png for an lr grid). --report redraws them only.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from layerjax.config import ConfigError
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", "-c", default="ablate_tiny", help="base preset name or .toml path")
+    # The whole docstring, line breaks kept: the usage example would not survive reflowing.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", default="ablate_tiny",
+                        help="base preset name or .toml path (default: %(default)s)")
     parser.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="one grid axis (repeatable), e.g. model.norm=pre,post or seed=0,1,2")
     parser.add_argument("--variant", "-v", action="append", default=[], metavar='NAME="KEY=V KEY=V"',
@@ -36,7 +39,8 @@ def main(argv=None) -> dict:
                              'e.g. lora16="model.adapter.kind=lora model.adapter.rank=16"')
     parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                         help="an override applied to every cell (repeatable)")
-    parser.add_argument("--out", "-o", default="runs/ablate", help="output directory")
+    parser.add_argument("--out", "-o", default="runs/ablate", metavar="DIR",
+                        help="output directory (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="only rewrite tables and plots from finished cells")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark the train step of any config: `python tools/bench.py CONFIG [overrides] [--json F]`.
+"""Benchmark the train step of any config:
+
+    python tools/bench.py [-c PRESET] [section.field=value ...] [--steps N] [--warmup N] [--json FILE]
 
 Measures, on random tokens of the config's batch shape (the data pipeline is not timed):
 - compile time: lowering + XLA compilation of the jitted train step;
@@ -63,7 +65,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
     tokens = cfg.data.batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     on_cpu = jax.devices()[0].platform == "cpu"
-    peak = peak_flops or measure_peak_flops() * (1 if on_cpu else setup.mesh.size)
+    peak = peak_flops or measure_peak_flops(dtype=cfg.model.dtype) * (1 if on_cpu else setup.mesh.size)
     memory = compiled.memory_analysis()
     result = {
         "config": f"{cfg.model.num_layers}L d{cfg.model.d_model} h{cfg.model.num_heads} "
@@ -106,12 +108,18 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Time the jitted train step of a config on random tokens of its batch shape: compile time, "
+                    "step time, tokens/s, MFU and per-device memory.",
+        epilog="The preset is 'default' unless --config names one; overrides work as in train.py, "
+               "e.g. tools/bench.py -c bench_cpu model.num_layers=48")
     add_config_args(parser)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU instead of the probe")
-    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, median reported (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default: %(default)s)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="peak FLOP/s for MFU (default: a float32 matmul probe timed in the same run)")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the result to this JSON file (default: print only)")
     args = parser.parse_args(argv)
     result = bench(config_from_args(args), args.steps, args.warmup, args.peak_flops)
     print(format_table(result))

@@ -11,7 +11,7 @@ memory (max RSS) against the model's size. Removes WORKDIR afterwards unless --k
 
 from __future__ import annotations
 
-import argparse
+from layerjax.cli import tool_parser
 import json
 import pathlib
 import shutil
@@ -78,7 +78,7 @@ def timed(tool: str, args: list[str], report: pathlib.Path) -> tuple[float, floa
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("--workdir", required=True, help="scratch directory (about 3 model copies of disk)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--max-shard-size", default="2GB")

@@ -11,13 +11,12 @@ placement as olmo2; anything else is refused naming the field with no equivalent
 
 from __future__ import annotations
 
-import argparse
+from layerjax.cli import tool_parser
 import sys
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("run_dir", help="a layerjax run directory")
     parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

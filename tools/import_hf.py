@@ -12,13 +12,12 @@ olmo2, gpt2.
 
 from __future__ import annotations
 
-import argparse
+from layerjax.cli import tool_parser
 import sys
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("hf_dir", help="a local Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="the layerjax run directory to write")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -13,10 +13,10 @@ BrevoConfig in layerjax/config.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
+from layerjax.cli import tool_parser
 from layerjax.data.sft_tasks import TASKS, make_records
 
 
@@ -36,13 +36,13 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}, mix, or a list like depo,mano")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.FIELD=VALUE",
                         help="a generator setting, e.g. depo.max_hops=2 (repeatable)")
     parser.add_argument("--n", type=int, required=True, help="number of records")
     parser.add_argument("--out", required=True, help="output .jsonl file")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same file)")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")

@@ -13,7 +13,7 @@ shared block; the printed errors are ||W_l - W_shared - B A|| / ||W_l||, mean ov
 
 from __future__ import annotations
 
-import argparse
+from layerjax.cli import tool_parser
 import sys
 
 
@@ -21,8 +21,7 @@ def main(argv=None) -> dict:
     from layerjax.config import CHOICES
     from layerjax.model.recursive import INITS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("run_dir", help="the untied model's run directory (trained, or imported from Hugging Face)")
     parser.add_argument("--out", required=True, help="the run directory to write")
     parser.add_argument("--blocks", type=int, required=True, help="unique shared blocks K")

@@ -5,9 +5,11 @@ finished one (summary.json, or a recorded divergence) is skipped when the grid r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import pathlib
+import re
 import time
 from typing import Sequence
 
@@ -15,6 +17,7 @@ from layerjax.config import Config, ConfigError, load_config, to_toml
 
 SEED_AXIS = "seed"  # shorthand: sets train.seed (init) and data.seed (data order) together
 VARIANT_AXIS = "variant"  # named bundles of overrides (--variant NAME="key=v key=v"), one axis
+RUN_DIR_KEY = "train.run_dir"  # set by the grid for every cell: <out>/cells/<name>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,11 @@ def parse_axes(specs: Sequence[str]) -> list[Axis]:
             raise ConfigError("the variant axis is given by --variant NAME=\"key=v key=v\", once per value")
         if any(a.key == key.strip() for a in axes):
             raise ConfigError(f"--grid gives '{key}' twice; put all its values in one --grid")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"--grid {key.strip()} lists {repeated} more than once; give each value once "
+                              "(use seed=0,1,... for repeated runs)")
+        _refuse_run_dir([key.strip()], "--grid")
         axes.append(Axis(key.strip(), values))
     return axes
 
@@ -73,6 +81,24 @@ def parse_variants(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return variants
 
 
+def _refuse_run_dir(keys: Sequence[str], where: str) -> None:
+    """The grid owns every cell's run dir; a train.run_dir from the user would be overridden silently."""
+    if RUN_DIR_KEY in (k.strip() for k in keys):
+        raise ConfigError(f"{where} sets {RUN_DIR_KEY}, but every cell runs in <out>/cells/<cell name>; "
+                          "choose where the grid goes with --out instead")
+
+
+def cell_dir_name(labels: Sequence[str], values: Sequence[str]) -> str:
+    """The cell's directory name, "label=value__label=value": one path component, whatever the
+    values hold. Characters other than letters, digits and ._+-=, become "_" (so "/" cannot make
+    subdirectories or, with "..", leave <out>/cells), and a long name is cut and made unique by a hash."""
+    name = "__".join(f"{label}={value}" for label, value in zip(labels, values)) or "base"
+    safe = re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
+    if len(safe) > 120:  # file systems allow 255 bytes per name
+        safe = safe[:110] + "~" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return safe
+
+
 def variant_axis(variants: dict[str, tuple[str, ...]]) -> list[Axis]:
     return [Axis(VARIANT_AXIS, tuple(variants))] if variants else []
 
@@ -94,12 +120,19 @@ def expand(preset: str, axes: list[Axis], fixed: Sequence[str], out_dir: pathlib
     """Every combination of axis values as a validated config (all checked before anything runs).
     The "variant" axis takes its values' overrides from `variants`."""
     variants = variants or {}
+    _refuse_run_dir([o.partition("=")[0] for o in fixed], "--set")
+    for variant, overrides in variants.items():
+        _refuse_run_dir([o.partition("=")[0] for o in overrides], f"--variant {variant}")
     shorts = [a.short for a in axes]
     labels = [a.short if shorts.count(a.short) == 1 else a.key for a in axes]
-    cells = []
+    cells, names = [], {}
     for values in itertools.product(*(a.values for a in axes)):
         assignment = tuple(zip((a.key for a in axes), values))
-        name = "__".join(f"{label}={v}" for label, v in zip(labels, values)) or "base"
+        name = cell_dir_name(labels, values)
+        if name in names:  # two values that differ only in characters the name replaces
+            raise ConfigError(f"grid cells {names[name]} and {list(values)} would share the directory "
+                              f"cells/{name}; give values that differ in letters or digits")
+        names[name] = list(values)
         overrides = [*fixed, *_overrides(assignment, variants), f"train.run_dir={out_dir / 'cells' / name}"]
         try:
             cfg = load_config(preset, overrides)

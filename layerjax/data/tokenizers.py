@@ -6,6 +6,7 @@ Both expose the same small interface the pipeline needs (`vocab_size`, `pad_id`,
 
 from __future__ import annotations
 
+import json
 import pathlib
 import typing
 
@@ -57,6 +58,23 @@ _SPECIAL_CANDIDATES = {
 }
 
 
+_TOKENIZER_FIX = "give the tokenizer.json saved with a Hugging Face tokenizer, or data.tokenizer=byte"
+
+
+def _check_tokenizer_json(path: pathlib.Path) -> None:
+    """Refuses a file that is not a tokenizer.json with a line naming it, before the tokenizers
+    library (when it is installed at all) answers with a bare parser error."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"data.tokenizer={str(path)!r} is not JSON{where}; {_TOKENIZER_FIX}") from None
+    # Every tokenizer.json has a "model" object (BPE, WordPiece, Unigram, ...) holding the vocabulary.
+    if not isinstance(content, dict) or not isinstance(content.get("model"), dict):
+        raise ConfigError(f"data.tokenizer={str(path)!r} is JSON but not a tokenizer (it has no \"model\" "
+                          f"object); {_TOKENIZER_FIX}")
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json, with bos/eos/pad guaranteed to exist."""
 
@@ -64,6 +82,7 @@ class HFTokenizer:
         """max_vocab: the model's vocabulary size when it is fixed (an imported model). A missing
         special that has no room left there reuses eos (padding is positional in the pipeline, so
         a pad equal to eos never hides eos from the loss)."""
+        _check_tokenizer_json(pathlib.Path(path))
         try:
             import tokenizers  # lazy: an optional dependency
         except ImportError:
@@ -71,7 +90,12 @@ class HFTokenizer:
                 f"data.tokenizer={str(path)!r} needs the Hugging Face 'tokenizers' package: "
                 "pip install 'layerjax[tokenizers]' (or use data.tokenizer=byte)") from None
         self.path = pathlib.Path(path)
-        self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+        except Exception as e:  # the Rust side raises a bare Exception for any file it cannot read
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"data.tokenizer={str(path)!r} is not a tokenizer the Hugging Face tokenizers "
+                              f"library can load ({reason}); {_TOKENIZER_FIX}") from None
         base_size = self._tok.get_vocab_size(with_added_tokens=True)
         next_free = base_size
         ids = {role: next((self._tok.token_to_id(c) for c in candidates if self._tok.token_to_id(c) is not None), None)

@@ -15,11 +15,28 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from layerjax.train.metrics import read_metrics  # noqa: E402
 
 
+LAYER_AXIS = "layer (0-based)"  # the numbering of the plan table, model.layer_norms, TensorBoard and JSONL
+MAX_HEATMAP_TICKS = 12  # beyond this, label every k-th hidden state so the labels stay readable
+
+
+def layer_ticks(num_layers: int) -> np.ndarray:
+    """x positions of per-layer values: the layer indices themselves, from 0."""
+    return np.arange(num_layers)
+
+
+def hidden_state_ticks(num_states: int) -> tuple[list[int], list[str]]:
+    """Tick positions and labels of the hidden states of a heatmap: "emb" (the embedding output),
+    then the output of each layer under that layer's index."""
+    stride = -(-num_states // MAX_HEATMAP_TICKS)
+    positions = list(range(0, num_states, stride))
+    return positions, ["emb" if i == 0 else str(i - 1) for i in positions]
+
+
 def draw_profiles(ax, series: dict[str, list[float]], ylabel: str, title: str, log: bool = False) -> None:
-    """One line per label over the 1-based layer index."""
+    """One line per label over the layer index."""
     for label, values in series.items():
-        ax.plot(np.arange(1, len(values) + 1), values, "o-", label=label, markersize=3)
-    ax.set(xlabel="layer", ylabel=ylabel, title=title)
+        ax.plot(layer_ticks(len(values)), values, "o-", label=label, markersize=3)
+    ax.set(xlabel=LAYER_AXIS, ylabel=ylabel, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if log:
         ax.set_yscale("log")
@@ -28,9 +45,12 @@ def draw_profiles(ax, series: dict[str, list[float]], ylabel: str, title: str, l
 
 
 def draw_heatmap(ax, matrix: list[list[float]], title: str) -> None:
-    """Angular distances between hidden states; index 0 is the embedding output."""
+    """Angular distances between hidden states: the embeddings, then each layer's output."""
     image = ax.imshow(np.asarray(matrix), cmap="viridis", vmin=0.0, origin="lower")
-    ax.set(xlabel="hidden state (0 = embeddings)", ylabel="hidden state", title=title)
+    positions, labels = hidden_state_ticks(len(matrix))
+    ax.set_xticks(positions, labels)
+    ax.set_yticks(positions, labels)
+    ax.set(xlabel=f"output of {LAYER_AXIS}", ylabel=f"output of {LAYER_AXIS}", title=title)
     ax.figure.colorbar(image, ax=ax, fraction=0.046, label="arccos(cos) / pi")
 
 
@@ -38,8 +58,8 @@ def draw_removal(ax, series: dict[str, list[float]], title: str = "layer removal
     """Grouped bars: validation loss with layer l skipped minus the full model's, per label."""
     width = 0.8 / max(len(series), 1)
     for i, (label, deltas) in enumerate(series.items()):
-        ax.bar(np.arange(1, len(deltas) + 1) + (i - (len(series) - 1) / 2) * width, deltas, width, label=label)
-    ax.set(xlabel="layer removed", ylabel="val loss - full-model val loss", title=title)
+        ax.bar(layer_ticks(len(deltas)) + (i - (len(series) - 1) / 2) * width, deltas, width, label=label)
+    ax.set(xlabel=f"{LAYER_AXIS} removed", ylabel="val loss - full-model val loss", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(0, color="gray", linewidth=0.5)
     if len(series) > 1:
@@ -56,10 +76,15 @@ def last_layer_records(run_dir: str | pathlib.Path) -> tuple[dict | None, dict |
 
 
 def plot_layers(run_dir: str | pathlib.Path) -> pathlib.Path | None:
-    """Writes layers.png (gradient-norm and variance profiles, angular-distance heatmap, layer
-    removal) from the newest per-layer records; None when the run logged none."""
+    """Writes the run's layers.png from its newest per-layer records; None when it logged none."""
     run_dir = pathlib.Path(run_dir)
-    train, evals = last_layer_records(run_dir)
+    return plot_layer_records(*last_layer_records(run_dir), run_dir / "layers.png")
+
+
+def plot_layer_records(train: dict | None, evals: dict | None, path: pathlib.Path) -> pathlib.Path | None:
+    """Draws one "layers" record (gradient-norm and variance profiles) and one "eval_layers"
+    record (angular-distance heatmap, layer removal), either may be None, into `path`; None when
+    both are. Training (metrics.jsonl) and tools/analyze.py (a checkpoint) both draw through it."""
     panels = (2 if train else 0) + (2 if evals else 0)
     if not panels:
         return None
@@ -75,10 +100,9 @@ def plot_layers(run_dir: str | pathlib.Path) -> pathlib.Path | None:
         draw_heatmap(axes.pop(0), evals["angular_distance_matrix"], f"angular distance (step {evals['step']})")
         draw_removal(axes.pop(0), {"": evals["removal_delta"]})
     fig.tight_layout()
-    path = run_dir / "layers.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return pathlib.Path(path)
 
 
 def plot_expert_usage(run_dir: str | pathlib.Path) -> pathlib.Path | None:

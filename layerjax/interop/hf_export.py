@@ -86,7 +86,7 @@ def export_hf(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, step: in
     dtype = dtype or cfg.model.param_dtype
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
-    checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
+    checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False), read_only=True)
     step = checkpointer.latest_step() if step is None else step
     if step is None or not (checkpointer.directory / str(step)).is_dir():
         found = sorted(checkpointer.manager.all_steps())

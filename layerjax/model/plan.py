@@ -161,6 +161,7 @@ def layer_schemes(m: ModelConfig) -> list[str]:
     else:
         schemes = [m.norm] * m.num_layers
     allowed = [s for s in CHOICES["model.norm"] if s != "mix"]
+    set_by: dict[int, str] = {}  # layer -> the entry that set it: overlapping entries would silently let the last win
     for entry in m.layer_norms:
         try:
             span, scheme = entry.split(":")
@@ -175,6 +176,12 @@ def layer_schemes(m: ModelConfig) -> list[str]:
             raise ConfigError(
                 f"model.layer_norms entry '{entry}': layers must satisfy 0 <= first <= last < "
                 f"model.num_layers={m.num_layers}")
+        overlap = [layer for layer in range(first, last + 1) if layer in set_by]
+        if overlap:
+            raise ConfigError(
+                f"model.layer_norms entries '{set_by[overlap[0]]}' and '{entry}' both set layer {overlap[0]}: "
+                "give each layer one scheme, e.g. shorten one of the ranges")
+        set_by.update(dict.fromkeys(range(first, last + 1), entry))
         schemes[first:last + 1] = [scheme] * (last + 1 - first)
     return schemes
 

@@ -13,6 +13,7 @@ renames it when complete, so a crash mid-save never leaves a checkpoint that loo
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import warnings
 
@@ -26,13 +27,23 @@ from layerjax.train.step import TrainState
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | pathlib.Path, ckpt_cfg: CheckpointConfig):
+    def __init__(self, run_dir: str | pathlib.Path, ckpt_cfg: CheckpointConfig, read_only: bool = False):
+        """read_only: for readers (sampling, analysis, conversion) that may run beside a training
+        run: no directory is created and no temporary (in-progress) checkpoint is cleaned up."""
         self.directory = pathlib.Path(run_dir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save,
-            create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        writer_options = dict(max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save,
+                              create=True, cleanup_tmp_directories=True)
+        reader_options = dict(max_to_keep=None, save_interval_steps=0, enable_async_checkpointing=False,
+                              create=False, read_only=True)
+        options = ocp.CheckpointManagerOptions(**(reader_options if read_only else writer_options))
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:  # Orbax warns that a read-only manager is read-only
+            absl_log.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        finally:
+            absl_log.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -71,6 +82,38 @@ class Checkpointer:
         data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+
+    def restore_newest_readable(self, attempt):
+        """(step, attempt(step)) for the newest checkpoint that `attempt` can read, or (None, None)
+        when there is none. A checkpoint that cannot be read (truncated, emptied, half-copied) is
+        renamed STEP.unreadable, kept for inspection, with a warning naming it and why; the next
+        older one is tried, so a damaged newest checkpoint costs the steps since the one before,
+        never the run. When every checkpoint fails, RunDirError lists them all."""
+        from layerjax.train.rundir import RunDirError
+
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, attempt(step)
+            except Exception as e:  # Orbax and TensorStore raise many types for damaged files
+                reason = _first_line(e)
+                failures.append(f"step {step}: {reason}")
+                warnings.warn(f"checkpoint {self.directory / str(step)} cannot be read ({reason}); "
+                              f"it is kept as {step}.unreadable and the run falls back to the previous checkpoint",
+                              stacklevel=2)
+                self._set_aside(step)
+        if failures:
+            raise RunDirError(f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); the damaged "
+                              "ones were renamed STEP.unreadable: delete them to start over, or restore a backup")
+        return None, None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            path = self.directory / str(step)
+            path.rename(path.with_name(f"{step}.unreadable"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"layerjax set aside checkpoint {step}")
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state: TrainState, shardings) -> tuple[TrainState, dict]:
         """Restores into `shardings` (a prefix tree of NamedShardings over abstract_state)."""
@@ -116,6 +159,11 @@ class ParamsWriter:
             import orbax.checkpoint.experimental.v1 as ocp_v1
 
             ocp_v1.partial.finalize(self.path)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {text[:limit]}"
 
 
 def _nest(leaves: dict) -> dict:
@@ -181,7 +229,9 @@ def load_params(run_dir: str | pathlib.Path, setup, step: int | None = None):
     from layerjax.train.finetune import frozen_base, is_finetune
     from layerjax.train.step import join_trainable, split_trainable
 
-    checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
+    if not (pathlib.Path(run_dir) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoint in {pathlib.Path(run_dir).resolve() / 'checkpoints'}")
+    checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False), read_only=True)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:

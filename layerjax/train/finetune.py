@@ -76,7 +76,7 @@ def frozen_from_base(setup, base_run: str | pathlib.Path, step: int | None = Non
     m = setup.cfg.model
     base_setup = build_setup(dataclasses.replace(setup.cfg, model=dataclasses.replace(
         base_model_config(m), param_dtype=m.param_dtype)))
-    checkpointer = Checkpointer(base_run, CheckpointConfig(async_save=False))
+    checkpointer = Checkpointer(base_run, CheckpointConfig(async_save=False), read_only=True)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:

@@ -77,11 +77,12 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return base + 6.0 * adapter_matmul_params(m) + 12.0 * m.num_layers * m.num_heads * head_dim(m) * seq_len
 
 
-def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 [size x size] matmul on the default device: the 'peak' that
-    MFU is measured against, read on the spot so it reflects this machine and its load."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted [size x size] matmul in `dtype` (the model's compute dtype) on the
+    default device: the 'peak' that MFU is measured against, read on the spot so it reflects this
+    machine and its load."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     best = float("inf")

@@ -13,9 +13,8 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
-from layerjax.config import Config, recursion_exits, to_toml
+from layerjax.config import Config, profile_range, recursion_exits, to_dict, to_toml
 from layerjax.data.metrics import exact_match_by_hops, merge_counts
 from layerjax.data.pipeline import build_data
 from layerjax.diagnostics.layers import layer_eval, make_layer_eval_steps, make_layer_stats_step
@@ -24,18 +23,40 @@ from layerjax.diagnostics.router import ROUTER_SERIES, router_log
 from layerjax.train.checkpoint import Checkpointer, load_params
 from layerjax.train.finetune import checkpoint_view, frozen_base, is_finetune, new_finetune_state
 from layerjax.train.flops import flops_per_token, measure_peak_flops
+from layerjax.train.memory import check_fits
 from layerjax.train.metrics import MetricsWriter, read_metrics
 from layerjax.train.plots import plot_curves
+from layerjax.train.profiling import StepProfiler
+from layerjax.train.progress import Progress
+from layerjax.train.rundir import (RunLock, check_resume_config, metrics_before, read_summary, relocate_tokenizer,
+                                   saved_config, trim_metrics, write_atomic)
 from layerjax.train.state import (Setup, build_setup, init_state, jit_params_step, jit_train_step, resolve_vocab,
                                   state_from_params)
-from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, TrainState, join_trainable, make_eval_step
+from layerjax.train.step import LOSS_INPUTS, MODEL_INPUTS, join_trainable, make_eval_step
 
 
 MAX_BUCKET = 64  # answer buckets (Depo hops, Mano length, ...) gathered across processes
 
 
 class NonFiniteError(RuntimeError):
-    """A step produced a non-finite loss or gradient and train.on_nonfinite='stop'."""
+    """A step produced a non-finite loss, gradient or update and train.on_nonfinite='stop', or
+    (with 'skip') too many updates in a row or in all were dropped."""
+
+
+def describe_nonfinite(metrics) -> str:
+    """Which of the step's loss, gradient norm and update norm were not finite, with the values."""
+    values = {name: float(metrics[name]) for name in ("loss", "grad_norm", "update_norm")}
+    bad = [name for name, v in values.items() if not math.isfinite(v)]
+    shown = ", ".join(f"{name}={v:.4g}" for name, v in values.items())
+    if bad == ["update_norm"]:
+        return f"the optimizer update is not finite although the loss and the gradient are ({shown})"
+    return f"non-finite {' and '.join(bad or ['values'])} ({shown})"
+
+
+def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+    """Steps of the checkpoints in a run directory, read from the file names (nothing is opened)."""
+    directory = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 class StopRequest:
@@ -112,7 +133,7 @@ def _accuracies(counts: dict[int, tuple[int, int]]) -> dict[str, float]:
             **{f"accuracy_k{k}": c / max(n, 1) for k, (c, n) in sorted(counts.items())}}
 
 
-def _metric_label(key: str, buckets: dict[int, str] | None) -> str:
+def metric_label(key: str, buckets: dict[int, str] | None) -> str:
     """accuracy_k2 -> accuracy[mano] where the buckets have names (sft tasks)."""
     if buckets and key.startswith("accuracy_k") and int(key.removeprefix("accuracy_k")) in buckets:
         return f"accuracy[{buckets[int(key.removeprefix('accuracy_k'))]}]"
@@ -127,41 +148,89 @@ def _format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: Config, stop_at_step: int | None = None) -> dict:
+def train(cfg: Config, stop_at_step: int | None = None, allow_config_change: bool = False) -> dict:
     """Runs (or resumes) training as configured and returns the final summary.
+
+    One process at a time trains in a run directory (process 0 holds its lock). A resume must use
+    the config that trained the run: changes to the model or the data are refused, and changes
+    to the optimisation (train.steps, optim.*) need allow_config_change; nothing is written
+    before that check. A finished run is left as it is and its summary returned.
 
     stop_at_step: behave as if preempted after that step (checkpoint, then return), for
     preemption drills and resume tests; a later call resumes from there.
     """
     run_dir = pathlib.Path(cfg.train.run_dir)
+    lock = RunLock(run_dir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(cfg, run_dir, stop_at_step, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finished_summary(run_dir: pathlib.Path, latest: int, cfg: Config) -> dict | None:
+    """The saved summary of a run that completed train.steps, else None."""
+    summary = read_summary(run_dir)
+    if (latest >= cfg.train.steps and summary is not None and summary.get("stopped_by") == "completed"
+            and summary.get("steps") == latest):
+        return summary
+    return None
+
+
+def _restore(checkpointer: Checkpointer, step: int, setup: Setup, run_dir: pathlib.Path):
+    """(state, data iterator state or None) from checkpoint `step`, full or weights-only."""
+    cfg = setup.cfg
+    if not checkpointer.has_train_state(step):  # weights only (an imported model): fresh optimizer and data
+        params = checkpointer.restore_params(step, setup.abstract_state.params, setup.state_shardings.params)
+        return state_from_params(setup, params, cfg.train.seed, step), None
+    # A fine-tune's checkpoint holds its adapters only; the frozen base is read back from its run.
+    state, data_state = checkpointer.restore(step, checkpoint_view(setup.abstract_state, cfg.model),
+                                             checkpoint_view(setup.state_shardings, cfg.model))
+    if is_finetune(cfg.model):
+        state = state.replace(params=join_trainable(state.params, frozen_base(setup, run_dir)))
+    return state, data_state
+
+
+def _write_config(run_dir: pathlib.Path, cfg: Config, previous: Config | None, changes: list[str],
+                  resumed_from: int | None) -> None:
+    """config.toml, written whole; the config it replaces on an allowed change is kept beside it."""
+    if previous is not None and changes and resumed_from is not None:
+        (run_dir / "config.toml").replace(run_dir / f"config.before_step{resumed_from}.toml")
+    write_atomic(run_dir / "config.toml", to_toml(relocate_tokenizer(cfg, run_dir)))
+
+
+def _train(cfg: Config, run_dir: pathlib.Path, stop_at_step: int | None, allow_config_change: bool) -> dict:
     is_main = jax.process_index() == 0
+    saved = checkpoint_steps(run_dir)
+    previous = saved_config(run_dir) if saved else None
+    changes: list[str] = []
+    if previous is not None:  # a resume: refuse a changed config before anything is written
+        changes = check_resume_config(run_dir, previous, cfg, allow_config_change)
+        finished = _finished_summary(run_dir, saved[-1], cfg)
+        if finished is not None:
+            if is_main:
+                print(f"layerjax: {run_dir} already finished at step {saved[-1]}; nothing to do (every file is "
+                      "kept). To train further, raise train.steps and add --allow-config-change.", flush=True)
+            return finished
+
     data = build_data(cfg, jax.process_index(), jax.process_count())
     cfg = resolve_vocab(cfg, data.vocab_size)
+    check_fits(cfg)  # a model that cannot fit is refused before anything is allocated
     setup = build_setup(cfg)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
 
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     train_iter = data.train_iterator()
     eval_batches = data.eval_batches()
-    resumed_from = checkpointer.latest_step()
     finetune = is_finetune(cfg.model)
-    if resumed_from is not None and checkpointer.has_train_state(resumed_from):
-        # A fine-tune's checkpoint holds its adapters only; the frozen base is read back from its run.
-        state, data_state = checkpointer.restore(resumed_from, checkpoint_view(setup.abstract_state, cfg.model),
-                                                 checkpoint_view(setup.state_shardings, cfg.model))
-        if finetune:
-            state = state.replace(params=join_trainable(state.params, frozen_base(setup, run_dir)))
+    resumed_from, restored = checkpointer.restore_newest_readable(lambda at: _restore(checkpointer, at, setup, run_dir))
+    if restored is not None:
+        state, data_state = restored
         if data_state is not None:
             train_iter.set_state(data_state)
     elif finetune:
         state = new_finetune_state(setup, run_dir, is_main)
         if is_main and cfg.train.init_from:
             print(f"layerjax: fine-tuning adapters on the frozen base {cfg.train.init_from}", flush=True)
-    elif resumed_from is not None:  # weights only (an imported model): fresh optimizer and data
-        params = checkpointer.restore_params(resumed_from, setup.abstract_state.params, setup.state_shardings.params)
-        state = state_from_params(setup, params, cfg.train.seed, resumed_from)
     elif cfg.train.init_from:
         params, from_step = load_params(cfg.train.init_from, setup)
         state = state_from_params(setup, params, cfg.train.seed)
@@ -169,6 +238,18 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
             print(f"layerjax: parameters from {cfg.train.init_from} (step {from_step})", flush=True)
     else:
         state = init_state(setup, cfg.train.seed)
+    resumed_training = restored is not None and restored[1] is not None  # not a weights-only start
+
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    if is_main:
+        _write_config(run_dir, cfg, previous, changes, resumed_from)
+        for change in changes:
+            print(f"layerjax: config change accepted on resume: {change}", flush=True)
+        # Rows past the restored step are replayed by this run: keep each step once.
+        trim_metrics(run_dir, resumed_from)
+        last_train = metrics_before(read_metrics(run_dir, "train"))
+        last_eval = metrics_before(read_metrics(run_dir, "eval"))
 
     train_step = jit_train_step(setup)
     eval_step = jit_params_step(setup, make_eval_step(setup.graphdef))
@@ -177,10 +258,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     model_flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    on_cpu = jax.devices()[0].platform == "cpu"
-    # Simulated CPU devices share one host's cores, so the machine's peak counts once per process.
-    peak = measure_peak_flops() * (jax.process_count() if on_cpu else jax.device_count())
-    writer = MetricsWriter(run_dir, cfg.logging.tensorboard) if is_main else None
+    peak = peak_flops(cfg)
+    writer = MetricsWriter(run_dir, cfg.logging.tensorboard, to_toml(cfg), cfg.logging.wandb_project,
+                           cfg.logging.wandb_entity, to_dict(cfg)) if is_main else None
 
     step = int(state.step)
     if is_main:
@@ -189,30 +269,35 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
               f"{setup.mesh.size} device(s), run dir {run_dir.resolve()}", flush=True)
     last_saved = resumed_from
     step_rates: list[float] = []
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, checked one step behind
+    skips = SkipCounter(cfg, int(last_train.get("skipped_updates", 0)) if resumed_training else 0, step)
     window_start, window_steps = time.perf_counter(), 0
-    progress = tqdm(total=cfg.train.steps, initial=step, disable=not (is_main and cfg.logging.progress),
-                    unit="step", dynamic_ncols=True)
-    say = progress.write if is_main else (lambda message: None)  # only process 0 talks
+    progress = Progress(cfg.train.steps, step, bar=cfg.logging.progress, talk=is_main)  # only process 0 talks
+    say = progress.write
+    profiler = StepProfiler(profile_range(cfg.train), run_dir, say)
+
+    def where() -> str:
+        return (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}"
+                if last_saved is not None else "no checkpoint was saved yet")
 
     def check_finite(step_metrics):
         at, metrics = step_metrics
-        if bool(metrics["finite"]) or cfg.train.on_nonfinite == "skip":
+        if cfg.train.on_nonfinite == "skip":
+            problem = skips.record(at, metrics)
+            if problem:
+                raise NonFiniteError(f"step {at}: {problem}; {where()}. Lower optim.lr, raise optim.warmup_steps, "
+                                     "or check the data")
             return
-        where = f"the last good checkpoint is step {last_saved} in {checkpointer.directory}" \
-            if last_saved is not None else "no checkpoint was saved yet"
-        raise NonFiniteError(
-            f"step {at}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
-            f"({float(metrics['grad_norm'])}); {where}. Lower optim.lr, raise optim.warmup_steps, "
-            "or set train.on_nonfinite=skip to drop such updates")
+        if not bool(metrics["finite"]):
+            raise NonFiniteError(
+                f"step {at}: {describe_nonfinite(metrics)}; {where()}. Lower optim.lr, raise optim.warmup_steps, "
+                "or set train.on_nonfinite=skip to drop such updates")
 
     def run_eval(at: int) -> dict[str, float]:
         result = evaluate(setup, eval_step, state.params, eval_batches, data.score)
         if writer:
             writer.write(at, "eval", result)
-        say(f"step {at}: eval " + ", ".join(f"{_metric_label(k, data.buckets)}={v:.4g}" for k, v in result.items()))
+        say(f"step {at}: eval " + ", ".join(f"{metric_label(k, data.buckets)}={v:.4g}" for k, v in result.items()))
         if layer_eval_steps is not None:
             global_batches = [to_global(b, setup, (*MODEL_INPUTS, "targets", "weights")) for b in eval_batches]
             layers = layer_eval(layer_eval_steps, state.params, global_batches, cfg.model.num_layers)
@@ -232,8 +317,10 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                 window_start = time.perf_counter()
             while step < cfg.train.steps:
                 batch = to_global(next(train_iter), setup)
+                profiler.before(step + 1)
                 state, metrics = train_step(state, batch)
                 step += 1
+                profiler.after(step, metrics)
                 window_steps += 1
                 if pending is not None:
                     check_finite(pending)
@@ -249,14 +336,14 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                     if router and writer:  # per layer: each expert's share of assignments, router entropy
                         writer.write(step, "router", router_log(router))
                     values.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / window_steps,
-                                  mfu=model_flops_per_step * window_steps / elapsed / peak)
+                                  mfu=model_flops_per_step * window_steps / elapsed / peak,
+                                  skipped_updates=skips.total)
                     if step > cfg.train.log_every or resumed_from is not None:
                         step_rates.append(tokens_per_sec)  # the first window includes compilation
                     last_train = values
                     if writer:
                         writer.write(step, "train", values)
-                    progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                         mfu=f"{values['mfu']:.0%}")
+                    progress.log(step, values)
                     window_start, window_steps = time.perf_counter(), 0
                 every = cfg.logging.layer_stats_every
                 if every and (step % every == 0 or step == cfg.train.steps):
@@ -280,9 +367,12 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                                    "run the same command again to resume")
                     break
             else:
+                if pending is not None:
+                    check_finite(pending)
                 if last_saved != step:
                     save(step)
         finally:
+            profiler.close(step)
             progress.close()
             checkpointer.close()
             if writer:
@@ -307,13 +397,13 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     rate = statistics.median(step_rates) if step_rates else last_train.get("tokens_per_sec", float("nan"))
     summary.update(tokens_per_sec=rate, mfu=rate * model_flops_per_step / tokens_per_step / peak,
                    peak_flops=peak, params=setup.num_params, trainable_params=setup.num_trainable,
-                   run_dir=str(run_dir.resolve()), last_checkpoint=last_saved)
+                   skipped_updates=skips.total, run_dir=str(run_dir.resolve()), last_checkpoint=last_saved)
     if last_saved is not None:
         summary["checkpoint_mib"] = checkpointer.step_bytes(last_saved) / 2**20
     if data.buckets:  # exact-match bucket -> task name (sft), for reports
         summary["buckets"] = {str(k): v for k, v in sorted(data.buckets.items())}
     if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         summary["plot"] = str(plot_curves(run_dir, summary.get("chance_accuracy")))
         experts_plot = plot_expert_usage(run_dir)
         if experts_plot is not None:
@@ -323,3 +413,42 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
             summary["layers_plot"] = str(layers_plot)
         print(_format_summary(summary), flush=True)
     return summary
+
+
+def peak_flops(cfg: Config) -> float:
+    """The FLOP/s MFU divides by, for all devices together: logging.peak_flops per device, or a
+    matmul probe in the compute dtype (bf16 runs peak higher than float32 ones)."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    # Simulated CPU devices share one host's cores, so the machine's peak counts once per process.
+    devices = jax.process_count() if on_cpu else jax.device_count()
+    return (cfg.logging.peak_flops or measure_peak_flops(dtype=cfg.model.dtype)) * devices
+
+
+class SkipCounter:
+    """Counts the updates train.on_nonfinite='skip' dropped and says when there are too many:
+    more than train.max_skipped_in_row in a row, or more than train.max_skipped_fraction of the
+    steps this run took (from step 20 on)."""
+
+    MIN_STEPS = 20
+
+    def __init__(self, cfg: Config, total: int, first_step: int):
+        self.cfg = cfg.train
+        self.total, self.in_row, self.first_step, self.seen_upto = total, 0, first_step, first_step
+
+    def record(self, at: int, metrics) -> str | None:
+        if at <= self.seen_upto:  # the same step may be checked again before a save or a log line
+            return None
+        self.seen_upto = at
+        if bool(metrics["finite"]):
+            self.in_row = 0
+            return None
+        self.total += 1
+        self.in_row += 1
+        run = at - self.first_step
+        if self.cfg.max_skipped_in_row and self.in_row > self.cfg.max_skipped_in_row:
+            return (f"{self.in_row} updates in a row were dropped as non-finite (train.max_skipped_in_row="
+                    f"{self.cfg.max_skipped_in_row}); the last: {describe_nonfinite(metrics)}")
+        if run >= self.MIN_STEPS and self.total > self.cfg.max_skipped_fraction * at:
+            return (f"{self.total} of {at} updates were dropped as non-finite (more than train.max_skipped_fraction="
+                    f"{self.cfg.max_skipped_fraction}); the last: {describe_nonfinite(metrics)}")
+        return None

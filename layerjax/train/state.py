@@ -16,7 +16,7 @@ from layerjax.config import Config, ConfigError
 from layerjax.model.plan import Plan, build_plan
 from layerjax.model.transformer import Transformer
 from layerjax.train.optimizer import build_optimizer
-from layerjax.train.step import TrainState, join_trainable, make_eval_step, make_train_step, split_trainable
+from layerjax.train.step import TrainState, join_trainable, make_train_step, split_trainable
 
 
 def resolve_vocab(cfg: Config, data_vocab: int) -> Config:

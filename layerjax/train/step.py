@@ -145,14 +145,15 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         params = join_trainable(optax.apply_updates(trainable, updates), frozen)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        update_norm = optax.global_norm(updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         # A non-finite update never reaches the state; the loop then stops or goes on (config).
         # The step counter advances either way, so the schedule and the data stay in step.
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
                                   opt_state=keep_old(opt_state, state.opt_state))
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
-                   "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,
+                   "update_norm": update_norm, "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,
                    "finite": finite}
         if "exit_ce_sums" in stats:  # "loss" stays the last layer's CE, comparable across runs
             metrics.update(objective=stats["objective_sum"] / weight,
