@@ -26,3 +26,19 @@ def shared_data() -> pathlib.Path:
 TINY_RUN = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=64",
             "data.seq_len=64", "data.batch_size=8", "data.depo.max_nodes=6", "data.num_eval_batches=1",
             "logging.progress=false", "logging.tensorboard=false", "mesh.num_devices=1"]
+
+
+# A finished 6-step run with an eval and a checkpoint every 2 steps, trained once per session and
+# shared by the run-directory and analysis tests; tests that write into it work on a copy.
+CHECKPOINTED_RUN = [*TINY_RUN, "train.log_every=1", "train.eval_every=2", "optim.warmup_steps=2",
+                    "checkpoint.every=2", "checkpoint.keep=5", "checkpoint.async_save=false"]
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(tmp_path_factory) -> pathlib.Path:
+    from layerjax.config import load_config
+    from layerjax.train.loop import train
+
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+    train(load_config("default", [*CHECKPOINTED_RUN, f"train.run_dir={run_dir}", "train.steps=6"]))
+    return run_dir

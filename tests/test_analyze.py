@@ -10,12 +10,12 @@ import importlib
 import json
 import math
 import pathlib
+import shutil
 import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import TINY_RUN
 
 from layerjax.config import load_config
 from layerjax.diagnostics.plots import LAYER_AXIS, draw_heatmap, draw_profiles, draw_removal, hidden_state_ticks
@@ -28,13 +28,11 @@ NUM_LAYERS = 2  # TINY_RUN's
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> pathlib.Path:
-    """A 4-step tiny Depo run with an eval and a checkpoint at steps 2 and 4."""
-    from layerjax.train.loop import train
-
+def run(checkpointed_run, tmp_path_factory) -> pathlib.Path:
+    """A copy of the shared 6-step tiny Depo run (conftest), with an eval and a checkpoint at
+    steps 2, 4 and 6: the analysis folder goes into the copy."""
     run_dir = tmp_path_factory.mktemp("analyze") / "run"
-    train(load_config("default", TINY_RUN + ["train.steps=4", "train.eval_every=2", "checkpoint.every=2",
-                                             "checkpoint.async_save=false", f"train.run_dir={run_dir}"]))
+    shutil.copytree(checkpointed_run, run_dir)
     return run_dir
 
 
@@ -47,11 +45,11 @@ def snapshot(run_dir: pathlib.Path) -> dict[str, str]:
 def test_analysis_reproduces_the_training_eval_and_leaves_the_run_untouched(run, capsys):
     before = snapshot(run)
     result = analyze_tool.main([str(run), "--layer-stats", "--layer-eval", "--no-progress"])
-    out_dir = run / "analysis" / "step_4"
-    assert result["step"] == 4 and pathlib.Path(result["out_dir"]) == out_dir.resolve()
+    out_dir = run / "analysis" / "step_6"
+    assert result["step"] == 6 and pathlib.Path(result["out_dir"]) == out_dir.resolve()
 
     trained = {row["step"]: row for row in read_metrics(run, "eval")}
-    expected = {k: v for k, v in trained[4].items() if k not in ("step", "split")}
+    expected = {k: v for k, v in trained[6].items() if k not in ("step", "split")}
     assert set(result["eval"]) == set(expected) >= {"loss", "perplexity", "accuracy", "accuracy_k1", "accuracy_k2"}
     for key, value in expected.items():
         assert result["eval"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -70,7 +68,7 @@ def test_analysis_reproduces_the_training_eval_and_leaves_the_run_untouched(run,
     assert json.loads((out_dir / "analysis.json").read_text()) == result
     assert (out_dir / "layers.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "at step 4" in printed and "accuracy_k2" in printed
+    assert "at step 6" in printed and "accuracy_k2" in printed
     table = printed[printed.index("layer  grad_norm"):].splitlines()
     assert [row.split()[0] for row in table[1:NUM_LAYERS + 1]] == ["0", "1"]
 
@@ -91,7 +89,7 @@ def test_errors_are_one_line(run, tmp_path, capsys):
         assert message.startswith("analyze: ") and "\n" not in message
         return message
 
-    assert "steps [2, 4]" in error(str(run), "--step", "3")
+    assert "steps [2, 4, 6]" in error(str(run), "--step", "3")
     assert "no such run directory" in error(str(tmp_path / "missing"))
     assert "data.* overrides only" in error(str(run), "--data", "model.num_layers=3")
     assert "did you mean 'data.source'" in error(str(run), "--data", "data.sourc=text")

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN
+from conftest import CHECKPOINTED_RUN
 from layerjax.cli import one_line_errors
 from layerjax.config import ConfigError, load_config
 from layerjax.train.checkpoint import load_run
@@ -21,8 +21,7 @@ from layerjax.train.loop import NonFiniteError, SkipCounter, train
 from layerjax.train.metrics import read_metrics
 from layerjax.train.rundir import LOCK_NAME, RunDirError, RunLock, config_changes, trim_metrics
 
-TINY = [*TINY_RUN, "train.log_every=1", "train.eval_every=2", "optim.warmup_steps=2", "checkpoint.every=2",
-        "checkpoint.keep=5", "checkpoint.async_save=false"]
+TINY = CHECKPOINTED_RUN
 
 
 def tiny_config(run_dir, *overrides):
@@ -39,12 +38,10 @@ def train_rows(run_dir) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in read_metrics(run_dir)]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> pathlib.Path:
-    """6 steps, checkpoints at 2, 4 and 6; tests copy it before changing anything."""
-    run_dir = tmp_path_factory.mktemp("rundir") / "full"
-    train(tiny_config(run_dir, "train.steps=6"))
-    return run_dir
+@pytest.fixture
+def finished_run(checkpointed_run) -> pathlib.Path:
+    """6 steps, checkpoints at 2, 4 and 6 (conftest); tests copy it before changing anything."""
+    return checkpointed_run
 
 
 def copy_of(run: pathlib.Path, tmp_path) -> pathlib.Path:
