@@ -20,7 +20,6 @@ class FakeWandb(types.ModuleType):
     def __init__(self):
         super().__init__("wandb")
         self.inits, self.logged, self.finished = [], [], 0
-        self.util = types.SimpleNamespace(generate_id=lambda: "abc123")
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -80,7 +79,8 @@ def test_run_logs_plain_lines_profile_tensorboard_config_and_wandb(tmp_path, cap
     assert b"config/text_summary" in events and b"d_model = 32" in events
     # W&B: the resolved config, and every scalar and per-layer series of the JSONL at its step
     assert fake.inits[0]["project"] == "layerjax-test" and fake.inits[0]["config"]["model"]["d_model"] == 32
-    assert fake.finished == 1 and (tmp_path / "wandb_id").read_text() == "abc123"
+    assert fake.finished == 1 and fake.inits[0]["id"] == (tmp_path / "wandb_id").read_text()
+    assert fake.inits[0]["resume"] == "allow"  # a resumed run continues the same W&B run
     logged = {}
     for step, values in fake.logged:
         logged.setdefault(step, {}).update(values)

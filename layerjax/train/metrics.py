@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
 
 
 def scalar_series(split: str, values: dict) -> dict[str, float]:
@@ -68,7 +69,7 @@ def start_wandb(run_dir: pathlib.Path, project: str, entity: str, config: dict):
         raise ConfigError("logging.wandb_project is set but wandb is not installed: pip install -e '.[wandb]', "
                           "or set logging.wandb_project=''") from None
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=project, entity=entity or None, id=run_id, resume="allow", config=config,
                       name=run_dir.resolve().name, dir=str(run_dir), mode=os.environ.get("WANDB_MODE"))
