@@ -6,7 +6,15 @@ Running the same command again resumes from the latest checkpoint in train.run_d
 75 stopped by SIGTERM/SIGINT after saving a checkpoint (requeue and run the same command).
 """
 
-from layerjax.cli import exit_code, train_main
+import os
+import sys
+
+from layerjax.cli import StorageExit, exit_code, train_main
 
 if __name__ == "__main__":
-    raise SystemExit(exit_code(train_main()))
+    try:
+        raise SystemExit(exit_code(train_main()))
+    except StorageExit as stop:  # skip the shutdown tracebacks of the failed save's writer threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code)

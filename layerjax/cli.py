@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import sys
 import typing
 from typing import Sequence
@@ -133,7 +135,20 @@ def one_line_errors():
         if storage is None:
             raise
         where = f"{storage.filename}: " if storage.filename else ""
-        _fail(f"storage error: {where}{storage.strerror or storage} (earlier checkpoints are intact)")
+        print(f"storage error: {where}{storage.strerror or storage} (earlier checkpoints are intact)",
+              file=sys.stderr, flush=True)
+        raise StorageExit(EXIT_ERROR) from None
+
+
+class StorageExit(SystemExit):
+    """A save failed: Orbax's writer threads then print tracebacks while the interpreter shuts
+    down, burying the one-line message, so train.py ends the process at once on this exit."""
+
+
+# TensorStore reports a failed write as ValueError("RESOURCE_EXHAUSTED: Error writing local file
+# \"PATH\": ... [os_error_code='28']"); the OS error number and the path are in the text.
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+_TENSORSTORE_PATH = re.compile(r'local file "([^"]+)"')
 
 
 def _storage_error(error: BaseException) -> OSError | None:
@@ -143,6 +158,10 @@ def _storage_error(error: BaseException) -> OSError | None:
         seen.add(id(error))
         if isinstance(error, OSError) and not isinstance(error, (ConnectionError, TimeoutError)):
             return error
+        code = _TENSORSTORE_OS_ERROR.search(str(error))
+        if code:
+            path = _TENSORSTORE_PATH.search(str(error))
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
         error = error.__cause__ or error.__context__
     return None
 

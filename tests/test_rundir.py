@@ -224,3 +224,17 @@ def test_allowed_change_continues_and_a_nonfinite_stop_names_a_checkpoint_that_r
     assert "steps = 8" in (run_dir / "config.toml").read_text()
     _, _, _, step = load_run(run_dir)
     assert step == 6
+
+
+def test_tensorstore_write_failures_are_storage_errors(capsys):
+    """TensorStore reports a full disk as a ValueError carrying the OS error number (as seen on a
+    600 KiB tmpfs filled by a save)."""
+    from layerjax.cli import StorageExit
+
+    message = ('RESOURCE_EXHAUSTED: Error writing local file "/runs/x/checkpoints/4.orbax-checkpoint-tmp/'
+               'state/_sharding": Failed writing: "..." [os_error_code=\'28\']')
+    with pytest.raises(StorageExit) as stop, one_line_errors():
+        raise ValueError(message)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip() == ("storage error: /runs/x/checkpoints/4.orbax-checkpoint-tmp/state/"
+                                               "_sharding: No space left on device (earlier checkpoints are intact)")
