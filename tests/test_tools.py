@@ -90,3 +90,15 @@ def test_sample_tool_on_a_trained_run(tmp_path):
     assert "loaded" in out.stdout and "step 4" in out.stdout
     lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
     assert "=>" in lines["prompt"] and lines["expected"].strip()
+
+
+def test_compare_torch_gives_the_reference_the_same_shape():
+    import bench
+
+    cfg = load_config("bench_cpu")
+    args = bench.torch_ref_args(cfg)
+    assert dict(zip(args[::2], args[1::2])) == {"--layers": "6", "--width": "384", "--heads": "6", "--ff": "1536",
+                                                "--vocab": "4096", "--seq": "256", "--batch": "8"}
+    assert bench.reference_mismatches(cfg) == []  # bench_cpu is the reference's model
+    assert bench.reference_mismatches(load_config("bench_cpu", ["model.mlp=swiglu", "model.canon=AC"])) == [
+        "model.mlp='swiglu' (reference: 'gelu')", "model.canon='AC' (reference: '')"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import resource
 import statistics
 import sys
@@ -107,6 +108,63 @@ def format_table(result: dict) -> str:
     return "\n".join(f"{k:<24} {show(v)}" for k, v in result.items())
 
 
+TORCH_REF = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "torch_ref.py"
+
+
+def torch_ref_args(cfg) -> list[str]:
+    """torch_ref.py's flags for the shape of `cfg` (its model is fixed: learned positions, Pre-LN
+    LayerNorm, GELU MLP, tied embeddings, multi-head attention)."""
+    from layerjax.config import d_ff
+
+    m, d = cfg.model, cfg.data
+    return ["--layers", str(m.num_layers), "--width", str(m.d_model), "--heads", str(m.num_heads),
+            "--ff", str(d_ff(m)), "--vocab", str(m.vocab_size or d.synthetic_vocab), "--seq", str(d.seq_len),
+            "--batch", str(d.batch_size)]
+
+
+def reference_mismatches(cfg) -> list[str]:
+    """Where the config's architecture differs from torch_ref.py's (the ratio then compares
+    different models)."""
+    m = cfg.model
+    wanted = {"positions": "learned", "norm_type": "layer", "norm": "pre", "mlp": "gelu", "tie_embeddings": True,
+              "canon": "", "num_kv_heads": 0, "dtype": "float32"}
+    return [f"model.{k}={getattr(m, k)!r} (reference: {v!r})" for k, v in wanted.items()
+            if hasattr(m, k) and getattr(m, k) != v and not (k == "num_kv_heads" and getattr(m, k) == m.num_heads)]
+
+
+def compare_torch(args, rounds: int) -> dict:
+    """Runs tools/bench.py and torch_ref.py in turn, `rounds` times each in fresh processes on the
+    same shape, and reports the median tokens/s of each and their ratio (layerjax / PyTorch):
+    alternating spreads the machine's load drift over both."""
+    import subprocess
+    import tempfile
+
+    cfg = config_from_args(args)
+    if not TORCH_REF.is_file():
+        sys.exit(f"bench: --compare-torch needs {TORCH_REF} (the PyTorch reference); it is not there")
+    for mismatch in reference_mismatches(cfg):
+        print(f"note: {mismatch}: the two sides run different models", flush=True)
+    ours_cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--config", args.config, *args.overrides,
+                "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    theirs_cmd = [sys.executable, str(TORCH_REF), *torch_ref_args(cfg), "--steps", str(args.steps)]
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            for name, cmd, sink in (("layerjax", ours_cmd, ours), ("torch", theirs_cmd, theirs)):
+                out = pathlib.Path(tmp) / f"{name}{i}.json"
+                done = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"bench: {name} run {i + 1} failed:\n{done.stderr[-2000:]}")
+                sink.append(json.loads(out.read_text())["tokens_per_s"])  # both tools name it so
+                print(f"round {i + 1}/{rounds} {name:<9} {sink[-1]:>10,.0f} tokens/s", flush=True)
+    result = {"layerjax_tokens_per_sec": ours, "torch_tokens_per_sec": theirs,
+              "layerjax_median": statistics.median(ours), "torch_median": statistics.median(theirs)}
+    result["ratio"] = result["layerjax_median"] / result["torch_median"]
+    print(f"median tokens/s: layerjax {result['layerjax_median']:,.0f}, torch {result['torch_median']:,.0f}; "
+          f"ratio {result['ratio']:.2f}x", flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description="Time the jitted train step of a config on random tokens of its batch shape: compile time, "
@@ -120,9 +178,15 @@ def main(argv=None) -> dict:
                         help="peak FLOP/s for MFU (default: a float32 matmul probe timed in the same run)")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the result to this JSON file (default: print only)")
-    args = parser.parse_args(argv)
-    result = bench(config_from_args(args), args.steps, args.warmup, args.peak_flops)
-    print(format_table(result))
+    parser.add_argument("--compare-torch", type=int, nargs="?", const=3, default=0, metavar="ROUNDS",
+                        help="run this bench and ../shared/bench/torch_ref.py on the same shape, alternating, "
+                             "ROUNDS times each (default 3), and print the median tokens/s and their ratio")
+    args = parser.parse_intermixed_args(argv)
+    if args.compare_torch:
+        result = compare_torch(args, args.compare_torch)
+    else:
+        result = bench(config_from_args(args), args.steps, args.warmup, args.peak_flops)
+        print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
