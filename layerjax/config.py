@@ -36,6 +36,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.qk_norm_scope": ("head", "full"),
+    # Attention kernels (README "Attention implementations"; layerjax/layers/attention_kernels.py).
+    "model.attention_impl": ("auto", "xla", "jax_nn", "cudnn", "chunked"),
     # Tuple settings: every entry must be one of these.
     "model.window_pattern": ("local", "global"),
     "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
@@ -142,6 +144,13 @@ class ModelConfig:
     attn_scale: float = 0.0  # multiplier of q.k; 0: head_dim^-0.5 (Gemma-2: query_pre_attn_scalar^-0.5)
     attn_softcap: float = 0.0  # 0: off; else attention logits become cap * tanh(logits / cap)
     final_softcap: float = 0.0  # 0: off; else output logits become cap * tanh(logits / cap)
+    # How attention is computed (the same result): "xla" the hand-written whole-score-matrix
+    # formulation (the reference); "jax_nn" jax.nn.dot_product_attention's XLA implementation;
+    # "cudnn" its cuDNN flash attention (NVIDIA GPU and dtype bfloat16); "chunked" blockwise with an
+    # online softmax, memory linear in the sequence length; "auto" cudnn where it runs, else xla.
+    # Only xla and chunked have attn_softcap. One-token decoding steps always run xla.
+    attention_impl: str = "auto"
+    attention_chunk: int = 512  # attention_impl=chunked: queries (and keys) per block of scores
     # Keys a query sees in a sliding-window layer: itself and the W-1 before it (0: no window).
     sliding_window: int = 0
     # Which layers slide, as a cycle of "local" / "global" (layer l takes entry l % len), e.g.
@@ -653,7 +662,7 @@ def validate(cfg: Config) -> None:
         "model.max_seq_len": m.max_seq_len, "model.rope_theta": m.rope_theta, "data.seq_len": cfg.data.seq_len,
         "data.batch_size": cfg.data.batch_size, "train.steps": t.steps,
         "train.microbatches": t.microbatches, "train.log_every": t.log_every,
-        "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.keep": cfg.checkpoint.keep, "model.attention_chunk": m.attention_chunk,
     }, lambda v: v > 0, "positive")
     # Cadences: 0 is how one is turned off; a negative one is a typo, not a cadence (the loop's
     # `step % n` would quietly fire every |n| steps).
@@ -714,6 +723,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.window_pattern={list(m.window_pattern)} has no effect without a window: "
             "set model.sliding_window to the window length, or clear model.window_pattern")
+    if m.attention_impl in ("jax_nn", "cudnn") and m.attn_softcap:
+        raise ConfigError(f"model.attention_impl={m.attention_impl!r} (jax.nn.dot_product_attention) has no logit "
+                          "softcap, and model.attn_softcap is set; use model.attention_impl=xla or chunked")
+    if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
+        raise ConfigError(f"model.attention_impl='cudnn' (flash attention) computes in half precision; set "
+                          f"model.dtype=bfloat16 (now {m.dtype!r}) or use model.attention_impl=auto")
     if len(set(m.bias_projections)) != len(m.bias_projections):
         raise ConfigError(f"model.bias_projections={list(m.bias_projections)} names a projection twice")
     _validate_adapter(m)

@@ -6,6 +6,9 @@ batched matmuls; the projections are 2-D matmuls over flattened tokens (see `den
 
 The cache is functional: a dict {"k", "v"} of [B, KVH, S, K] arrays passed in and returned, so a
 scanned segment carries one stacked cache per layer as an ordinary scan input/output.
+
+The scores, softmax and values are computed by one of the kernels in `attention_kernels`
+(model.attention_impl); this module prepares q, k, v and says which keys each query sees.
 """
 
 import dataclasses
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layerjax.layers.attention_kernels import TokenCoords, attend, visible
 from layerjax.layers.canon import Canon
 from layerjax.layers.embed import apply_rope
 from layerjax.layers.norms import Norm
@@ -38,53 +42,20 @@ class Context:
     dropout_key: jax.Array | None = None  # adapter dropout (training only); None: no dropout
 
 
+def token_coords(ctx: Context, num_keys: int) -> tuple[TokenCoords, TokenCoords]:
+    """(queries, keys) for `visible`: in a forward over whole rows both are the row's own tokens in
+    order; when decoding, keys are cache slots 0..S-1 (filled up to the query) and a query's slot is
+    its position."""
+    if ctx.cache_index is not None:
+        slots_1xS = jnp.arange(num_keys)[None]
+        return TokenCoords(ctx.positions_BxL, ctx.positions_BxL), TokenCoords(slots_1xS, slots_1xS)
+    tokens = TokenCoords(jnp.arange(ctx.positions_BxL.shape[1])[None], ctx.positions_BxL, ctx.segment_ids_BxL)
+    return tokens, tokens
+
+
 def attention_mask(ctx: Context, num_keys: int, window: jax.Array | None = None) -> jax.Array:
-    """[B, L, S] boolean: which keys each query may attend to.
-
-    window (a per-layer scalar, traced under scan): a query at position i sees keys at positions
-    j with i - window < j <= i, itself included (Hugging Face's convention); None: no window.
-    Positions are within-document positions, or cache slots when decoding."""
-    if ctx.cache_index is not None:  # decoding: keys are cache slots 0..S-1, filled up to the query
-        key_pos_1x1xS = jnp.arange(num_keys)[None, None, :]
-        query_pos_BxLx1 = ctx.positions_BxL[:, :, None]
-        mask = key_pos_1x1xS <= query_pos_BxLx1
-        if window is not None:
-            mask = mask & (key_pos_1x1xS > query_pos_BxLx1 - jnp.asarray(window, jnp.int32))
-        return mask
-    length = ctx.positions_BxL.shape[1]
-    mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-    if ctx.segment_ids_BxL is not None:
-        mask = mask & (ctx.segment_ids_BxL[:, :, None] == ctx.segment_ids_BxL[:, None, :])
-    if window is not None:
-        pos = ctx.positions_BxL
-        mask = mask & (pos[:, None, :] > pos[:, :, None] - jnp.asarray(window, jnp.int32))
-    return mask
-
-
-def softcap(x: jax.Array, cap: float) -> jax.Array:
-    """cap * tanh(x / cap): bounds logits to (-cap, cap) smoothly (Gemma-2)."""
-    return cap * jnp.tanh(x / cap)
-
-
-def dot_product_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS, scale: float = 0.0,
-                          logit_cap: float = 0.0) -> jax.Array:
-    """softmax(scale * q k^T) v, with N kv heads each shared by a group of G = H/N query heads.
-    scale 0: 1/sqrt(K). logit_cap > 0: scaled logits are soft-capped before the mask.
-    Returns [B, H, L, K]."""
-    batch, heads, length, head_dim = q_BxHxLxK.shape
-    kv_heads = k_BxNxSxK.shape[1]
-    group = heads // kv_heads
-    scale = scale or head_dim**-0.5
-    # A group's queries are stacked along length, so each kv head serves one [G*L, S] matmul.
-    q_BxNxGLxK = (q_BxHxLxK * scale).reshape(batch, kv_heads, group * length, head_dim)
-    logits = jnp.einsum("bnqk,bnsk->bnqs", q_BxNxGLxK, k_BxNxSxK, preferred_element_type=jnp.float32)
-    if logit_cap:
-        logits = softcap(logits, logit_cap)
-    logits_BxNxGxLxS = logits.reshape(batch, kv_heads, group, length, -1)
-    logits_BxNxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxNxGxLxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxNxGxLxS, axis=-1).astype(v_BxNxSxK.dtype)
-    out_BxNxGLxK = jnp.einsum("bnqs,bnsk->bnqk", probs.reshape(batch, kv_heads, group * length, -1), v_BxNxSxK)
-    return out_BxNxGLxK.reshape(batch, heads, length, head_dim)
+    """[B, L, S] boolean: which keys each query may attend to (see `visible` for the window)."""
+    return visible(*token_coords(ctx, num_keys), window)
 
 
 class Attention(nnx.Module):
@@ -92,16 +63,19 @@ class Attention(nnx.Module):
                  rope_freqs, qk_norm: bool, norm_type: str, norm_eps: float, init_std: float,
                  rngs: nnx.Rngs, biases: Collection[str] = (), qk_norm_scope: str = "head",
                  norm_offset: bool = False, scale: float = 0.0, logit_cap: float = 0.0,
-                 canon_b: Canon | None = None, value_init_scale: float = 1.0, adapters: dict | None = None):
+                 canon_b: Canon | None = None, value_init_scale: float = 1.0, adapters: dict | None = None,
+                 impl: str = "xla", chunk: int = 512):
         """rope_freqs: RoPE's inverse frequencies (`rope_frequencies`), None for no RoPE.
         biases: which of "q", "k", "v", "o" have a bias. scale, logit_cap: see
-        `dot_product_attention`. value_init_scale multiplies the init std of wv and wo only
-        (DeepNorm's beta)."""
+        `reference_attention`. value_init_scale multiplies the init std of wv and wo only
+        (DeepNorm's beta). impl, chunk: the attention kernel and the chunked kernel's block size
+        (`attention_kernels.attend`; "auto" resolved by `resolve_attention_impl`)."""
         # A tuple of floats, not an array: static module data must be hashable.
         self.rope_freqs = None if rope_freqs is None else tuple(float(f) for f in rope_freqs)
         # Low-rank adapters by projection name ("q", "k", "v", "o"), each adding a delta to its output.
         self.adapters = nnx.Dict(adapters or {})
         self.scale, self.logit_cap = scale, logit_cap
+        self.impl, self.chunk = impl, chunk
         self.canon_b = canon_b  # canon position B: on q, k, v after QK-norm, before RoPE
         self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
         self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
@@ -155,8 +129,12 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
             new_cache.update(k=k, v=v)
-        mask_BxLxS = attention_mask(ctx, k.shape[2], window)
-        out_BxHxLxK = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask_BxLxS, self.scale, self.logit_cap)
+        # A one-token decoding step has one row of scores per head ([1, S]): nothing for another
+        # kernel to save, so every impl takes the reference there. A prefill (several tokens) keeps it.
+        impl = "xla" if cache is not None and q.shape[2] == 1 else self.impl
+        out_BxHxLxK = attend(impl, q, k.astype(dtype), v.astype(dtype), *token_coords(ctx, k.shape[2]), window,
+                             self_attention=cache is None, scale=self.scale, logit_cap=self.logit_cap,
+                             chunk=self.chunk)
         out_BxLxHxK = jnp.swapaxes(out_BxHxLxK, 1, 2)
         out_BxLxD = add_bias(dense(out_BxLxHxK, self.wo[...], in_dims=2), self.bo)
         out_BxLxD = self._adapted("o", out_BxLxHxK.reshape(*out_BxLxD.shape[:2], -1), out_BxLxD, ctx, relax)

@@ -14,6 +14,7 @@ from flax import nnx
 from layerjax.config import ModelConfig, biased_projections, d_ff, head_dim, kv_heads, rope_dims
 from layerjax.layers.adapters import LowRankAdapter, Router
 from layerjax.layers.attention import Attention, Context, KVCache
+from layerjax.layers.attention_kernels import resolve_attention_impl
 from layerjax.layers.canon import canon_widths, make_canon
 from layerjax.layers.embed import rope_frequencies
 from layerjax.layers.mlp import GATED_ACTIVATIONS, MLP
@@ -41,7 +42,8 @@ class Block(nnx.Module):
             qk_norm=m.qk_norm, qk_norm_scope=m.qk_norm_scope, norm_type=m.norm_type, norm_eps=m.norm_eps,
             norm_offset=m.norm_offset, biases=biased_projections(m), scale=m.attn_scale, logit_cap=m.attn_softcap,
             init_std=m.init_std, rngs=rngs, canon_b=canon("B", None), value_init_scale=spec.init_scale,
-            adapters=make_attention_adapters(m, spec, rngs))
+            adapters=make_attention_adapters(m, spec, rngs), impl=resolve_attention_impl(m),
+            chunk=m.attention_chunk)
         self.mlp_norm = norm()
         self.canon_c = canon("C", "embed")
         mlp_adapters, router = make_mlp_adapters(m, spec, rngs)

@@ -10,7 +10,8 @@ from layerjax.config import ModelConfig, head_dim, kv_heads, recursion_exits
 from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
 from layerjax.layers.adapters import pool_router_stats
-from layerjax.layers.attention import Context, KVCache, softcap
+from layerjax.layers.attention import Context, KVCache
+from layerjax.layers.attention_kernels import softcap
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
 from layerjax.layers.params import dense, normal_param

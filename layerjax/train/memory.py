@@ -114,7 +114,9 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     # its input, two norm outputs and residual, q/k/v and the attention output, the MLP's hidden
     # tensors, and the [heads, seq] attention scores (float32) and probabilities.
     whole_layer = (4 * d + (2 * q + 2 * kv + (4 if gated else 2) * ff) / tensor_split) * itemsize
-    whole_layer += m.num_heads / tensor_split * seq * (4 + itemsize)
+    # The chunked kernel keeps one [heads, chunk] block of scores per query at a time, not [heads, seq].
+    score_keys = min(seq, m.attention_chunk) if m.attention_impl == "chunked" else seq
+    whole_layer += m.num_heads / tensor_split * score_keys * (4 + itemsize)
     # save_matmuls keeps only the outputs of the weight matmuls (q, k, v, o, the MLP's up/gate, down).
     matmul_outputs = (2 * d + (q + 2 * kv + (2 if gated else 1) * ff) / tensor_split) * itemsize
     saved = {"none": m.num_layers * whole_layer,
