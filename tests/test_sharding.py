@@ -44,10 +44,20 @@ def config(*overrides):
     return load_config("default", [*MODEL, *overrides])
 
 
-def test_losses_equal_on_every_mesh():
+# The default run checks the 2-D meshes (each axis kind, and microbatches + remat + canon on top);
+# the 1-D dp and fsdp meshes are also in tests/test_train.py, so the rest waits for -m slow.
+DEFAULT_MESHES = ("fsdp=4 x tensor=2", "data=4 x tensor=2 (tp)", "fsdp_tp + 2 microbatches + remat")
+
+
+@pytest.mark.parametrize("names", [
+    pytest.param(DEFAULT_MESHES, id="2d"),
+    pytest.param(tuple(n for n in MESHES if n not in DEFAULT_MESHES and n != "1 device"), id="rest",
+                 marks=pytest.mark.slow)])
+def test_losses_equal_on_every_mesh(names):
     reference = step_losses(config(*MESHES["1 device"]))
     reference_canon = step_losses(config("mesh.num_devices=1", "model.canon=ABCD"))
-    for name, overrides in MESHES.items():
+    for name in names:
+        overrides = MESHES[name]
         expected = reference_canon if "model.canon=ABCD" in overrides else reference
         np.testing.assert_allclose(step_losses(config(*overrides)), expected, rtol=2e-5, err_msg=name)
 
