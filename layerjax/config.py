@@ -151,6 +151,10 @@ class ModelConfig:
     # Only xla and chunked have attn_softcap. One-token decoding steps always run xla.
     attention_impl: str = "auto"
     attention_chunk: int = 512  # attention_impl=chunked: queries (and keys) per block of scores
+    # Sequence positions per block of the output head in the loss (train and eval steps): one
+    # float32 [batch, loss_chunk, vocab] block of logits at a time, recomputed in the backward pass,
+    # instead of [batch, seq_len, vocab] (for large vocabularies); 0: the whole sequence at once.
+    loss_chunk: int = 0
     # Keys a query sees in a sliding-window layer: itself and the W-1 before it (0: no window).
     sliding_window: int = 0
     # Which layers slide, as a cycle of "local" / "global" (layer l takes entry l % len), e.g.
@@ -668,7 +672,7 @@ def validate(cfg: Config) -> None:
     # `step % n` would quietly fire every |n| steps).
     _require({"train.eval_every": t.eval_every, "checkpoint.every": cfg.checkpoint.every,
               "logging.layer_stats_every": cfg.logging.layer_stats_every,
-              "train.max_skipped_in_row": t.max_skipped_in_row},
+              "train.max_skipped_in_row": t.max_skipped_in_row, "model.loss_chunk": m.loss_chunk},
              lambda v: v >= 0, ">= 0", "0 turns it off")
     _require({"optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.clip_norm": o.clip_norm,
               "optim.weight_decay": o.weight_decay, "optim.eps": o.eps, "train.z_loss": t.z_loss,

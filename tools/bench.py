@@ -14,6 +14,8 @@ Measures, on random tokens of the config's batch shape (the data pipeline is not
 - per-device memory: parameters and optimizer state as the shardings place them, and XLA's memory
   analysis of the compiled step (arguments, outputs, temporaries = activations), and the process's
   peak host memory (max RSS).
+`--steps 0` compiles against the state's shapes only and reports compile time and memory: how to
+size a config too big to run here.
 """
 
 from __future__ import annotations
@@ -49,25 +51,13 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
     vocab = cfg.model.vocab_size or cfg.data.synthetic_vocab
     cfg = resolve_vocab(cfg, vocab)
     setup = build_setup(cfg)
-    state = init_state(setup, cfg.train.seed)
+    # --steps 0 compiles against the state's shapes alone: nothing the size of the model is allocated.
+    state = init_state(setup, cfg.train.seed) if steps > 0 else setup.abstract_state
     batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in random_batch(cfg, vocab).items()}
     step_fn = jit_train_step(setup)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    on_cpu = jax.devices()[0].platform == "cpu"
-    peak = peak_flops or measure_peak_flops(dtype=cfg.model.dtype) * (1 if on_cpu else setup.mesh.size)
-    memory = compiled.memory_analysis()
     result = {
         "config": f"{cfg.model.num_layers}L d{cfg.model.d_model} h{cfg.model.num_heads} "
                   f"ff{cfg.model.d_ff} v{cfg.model.vocab_size} seq{cfg.data.seq_len} b{cfg.data.batch_size} "
@@ -76,15 +66,10 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
         "devices": f"{setup.mesh.size} x {jax.devices()[0].device_kind}",
         "params": setup.num_params,
         "compile_s": compile_s,
-        "step_s_median": step_s,
-        "tokens_per_s": tokens / step_s,
-        "flops_per_token": fpt,
-        "achieved_flops": fpt * tokens / step_s,
-        "peak_flops": peak,
-        "mfu": fpt * tokens / step_s / peak,
-        "loss": float(metrics["loss"]),
-        "peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if steps > 0:  # --steps 0: compile time and memory only
+        result.update(_time_steps(cfg, setup, compiled, state, batch, steps, warmup, peak_flops))
+    memory = compiled.memory_analysis()
     # Per device: what the shardings place on each device, then what XLA reports for the compiled
     # step (arguments = state + batch; temp = activations and other temporaries).
     result["mesh"] = ", ".join(f"{axis}={size}" for axis, size in setup.mesh.shape.items() if size > 1) or "1 device"
@@ -97,6 +82,25 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
             if value is not None:
                 result[f"xla_{name.replace('_size_in_bytes', '')}_mib"] = value / 2**20
     return result
+
+
+def _time_steps(cfg, setup, compiled, state, batch, steps: int, warmup: int, peak_flops: float | None) -> dict:
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak = peak_flops or measure_peak_flops(dtype=cfg.model.dtype) * (1 if on_cpu else setup.mesh.size)
+    return {"step_s_median": step_s, "tokens_per_s": tokens / step_s, "flops_per_token": fpt,
+            "achieved_flops": fpt * tokens / step_s, "peak_flops": peak, "mfu": fpt * tokens / step_s / peak,
+            "loss": float(metrics["loss"]),
+            "peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def format_table(result: dict) -> str:
@@ -172,7 +176,7 @@ def main(argv=None) -> dict:
         epilog="The preset is 'default' unless --config names one; overrides work as in train.py, "
                "e.g. tools/bench.py -c bench_cpu model.num_layers=48")
     add_config_args(parser)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps, median reported (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, median reported; 0: compile and report memory only (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default: %(default)s)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s for MFU (default: a float32 matmul probe timed in the same run)")

@@ -143,7 +143,7 @@ class Transformer(nnx.Module):
                 segment_ids_BxL: jax.Array | None = None, cache: list[KVCache] | None = None,
                 cache_index: jax.Array | None = None, *, probe: str | None = None,
                 skip_layer: jax.Array | None = None, dropout_key: jax.Array | None = None,
-                exit_depth: int | None = None):
+                exit_depth: int | None = None, apply_head: bool = True):
         """`__call__` plus per-layer probes: returns (logits, cache, probes) where probes is None,
         for probe="stats" a dict of [num_layers] arrays (see `residual_stats`), or for
         probe="hidden" the residual stream [num_layers + 1, B, L, D] entering each layer and
@@ -152,7 +152,9 @@ class Transformer(nnx.Module):
         skip_layer: that layer (a traced index) acts as the identity.
         dropout_key: adapter dropout (training); None: none. Models with LoRA experts sow their
         per-layer router statistics, read back with `router_stats(model)`. exit_depth (static):
-        stop after that many layers (an early exit; 1..num_layers), with probe None."""
+        stop after that many layers (an early exit; 1..num_layers), with probe None.
+        apply_head=False: the first output is the residual stream leaving the last layer [B, L, D]
+        instead of the logits, for a loss that runs `head_logits` itself (blockwise)."""
         m = self.config
         dtype = jnp.dtype(m.dtype)
         batch, length = tokens_BxL.shape
@@ -187,7 +189,7 @@ class Transformer(nnx.Module):
             if cache is not None:
                 new_cache.append(stack_cache)
             probes.append(stack_probes)
-        logits = self.head_logits(x)
+        logits = self.head_logits(x) if apply_head else x
         probes = jax.tree.map(lambda *p: jnp.concatenate(p), *probes) if probe else None
         if probe == "exits":  # the outputs of layers d-1 for exit depths d (layers run)
             probes = probes[jnp.asarray(recursion_exits(m), jnp.int32) - 1]

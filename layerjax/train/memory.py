@@ -18,6 +18,7 @@ import numpy as np
 
 from layerjax import sharding
 from layerjax.config import Config, ConfigError, ModelConfig, d_ff, head_dim, kv_heads
+from layerjax.layers.attention_kernels import resolve_attention_impl
 from layerjax.layers.canon import canon_widths
 from layerjax.layers.mlp import GATED_ACTIVATIONS
 from layerjax.train.flops import adapter_matmul_params, unique_matmul_params
@@ -114,16 +115,21 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     # its input, two norm outputs and residual, q/k/v and the attention output, the MLP's hidden
     # tensors, and the [heads, seq] attention scores (float32) and probabilities.
     whole_layer = (4 * d + (2 * q + 2 * kv + (4 if gated else 2) * ff) / tensor_split) * itemsize
-    # The chunked kernel keeps one [heads, chunk] block of scores per query at a time, not [heads, seq].
-    score_keys = min(seq, m.attention_chunk) if m.attention_impl == "chunked" else seq
-    whole_layer += m.num_heads / tensor_split * score_keys * (4 + itemsize)
+    # The chunked kernel keeps one [heads, chunk] block of scores per query at a time, not [heads,
+    # seq]; cuDNN's flash attention keeps only each query's softmax statistics (float32 per head).
+    impl = resolve_attention_impl(m) if m.attention_impl == "auto" else m.attention_impl
+    score_bytes = {"chunked": min(seq, m.attention_chunk) * (4 + itemsize), "cudnn": 4}.get(impl, seq * (4 + itemsize))
+    whole_layer += m.num_heads / tensor_split * score_bytes
     # save_matmuls keeps only the outputs of the weight matmuls (q, k, v, o, the MLP's up/gate, down).
     matmul_outputs = (2 * d + (q + 2 * kv + (2 if gated else 1) * ff) / tensor_split) * itemsize
     saved = {"none": m.num_layers * whole_layer,
              "save_matmuls": m.num_layers * matmul_outputs + whole_layer,
              "full": m.num_layers * d * itemsize + whole_layer}[m.remat]
-    logits = 2 * m.vocab_size * 4  # float32 logits and their gradient
-    return int(tokens * (saved + logits))
+    # float32 logits and their gradient: of every position, or of one block of model.loss_chunk
+    # positions (the backward pass recomputes each block from the residual stream).
+    logit_positions = min(seq, m.loss_chunk) if m.loss_chunk else seq
+    logits = rows * logit_positions * 2 * m.vocab_size * 4
+    return int(tokens * saved + logits)
 
 
 def memory_limit() -> tuple[int, str] | None:

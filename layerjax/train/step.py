@@ -16,6 +16,7 @@ from flax import nnx
 
 from layerjax.config import Config, exit_weights, recursion_exits
 from layerjax.model.transformer import router_stats
+from layerjax.train.head_loss import head_losses
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("inputs", "positions", "segment_ids")
@@ -49,33 +50,29 @@ def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
     return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
-def _cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array):
-    """Per-token cross-entropy and log-partition, [B, L] each."""
-    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    return log_z_BxL - target_logit_BxL, log_z_BxL
-
-
 def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
     """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction, all [B, L], the
     router statistics per segment with LoRA experts (see `router_stats`), and for a model with
     early exits (model.recursion.exits) their cross-entropy and predictions, [exits, B, L] each
-    (else None): the stream after each exit depth read out by the shared head."""
+    (else None): the stream after each exit depth read out by the shared head. The head runs
+    model.loss_chunk positions at a time (see `head_losses`)."""
     model = nnx.merge(graphdef, params)
     has_exits = bool(recursion_exits(model.config))
-    logits_BxLxV, _, hidden_ExBxLxD = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                                    probe="exits" if has_exits else None, dropout_key=dropout_key)
-    ce_BxL, log_z_BxL = _cross_entropy(logits_BxLxV, batch["targets"])
+    chunk = model.config.loss_chunk
+    hidden_BxLxD, _, hidden_ExBxLxD = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                                    probe="exits" if has_exits else None, dropout_key=dropout_key,
+                                                    apply_head=False)
+    ce_BxL, log_z_BxL, predictions_BxL = head_losses(model.head_logits, hidden_BxLxD, batch["targets"], chunk)
     exits = None
     if has_exits:
         def exit_loss(hidden_BxLxD):
-            logits = model.head_logits(hidden_BxLxD)
-            return _cross_entropy(logits, batch["targets"])[0], jnp.argmax(logits, axis=-1)
+            ce, _, predictions = head_losses(model.head_logits, hidden_BxLxD, batch["targets"], chunk)
+            return ce, predictions
 
-        # One exit at a time, so that only one [B, L, V] logits tensor is alive at once.
+        # One exit at a time, so that only one exit's logits are alive at once.
         ce_ExBxL, predictions_ExBxL = jax.lax.map(exit_loss, hidden_ExBxLxD)
         exits = {"ce": ce_ExBxL, "predictions": predictions_ExBxL}
-    return ce_BxL, log_z_BxL, jnp.argmax(logits_BxLxV, axis=-1), router_stats(model), exits
+    return ce_BxL, log_z_BxL, predictions_BxL, router_stats(model), exits
 
 
 def exit_objective(ce_sum: jax.Array, exit_ce_sums: jax.Array, weights) -> jax.Array:
