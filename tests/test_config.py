@@ -96,3 +96,34 @@ def test_cli_errors_are_one_line_and_early(tmp_path):
 def test_section_compact_form():
     cfg = load_config(None, ["mesh.shape=data:-1,tensor:2", "mesh.rules=fsdp_tp"])
     assert (cfg.mesh.shape.data, cfg.mesh.shape.fsdp, cfg.mesh.shape.tensor) == (-1, 0, 2)
+
+
+def test_every_preset_in_configs_loads():
+    import pathlib
+
+    presets = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.toml"))
+    assert len(presets) >= 15
+    for preset in presets:
+        load_config(preset.stem)
+
+
+# The GPU and TPU presets (README, "GPUs and TPUs: the plan"): devices they are laid out for, and
+# the memory of one device.
+ACCELERATOR_PRESETS = {"h100_125m": (8, 80e9), "h100_1b": (8, 80e9), "tpu_v5e_125m": (8, 16e9),
+                       "tpu_v5e_1b": (32, 16e9)}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATOR_PRESETS))
+def test_accelerator_presets_fit_their_devices_with_room_to_spare(name):
+    import dataclasses
+
+    from layerjax.train.memory import estimate_memory
+
+    devices, device_bytes = ACCELERATOR_PRESETS[name]
+    cfg = load_config(name)
+    assert cfg.model.dtype == "bfloat16" and cfg.model.loss_chunk > 0
+    assert cfg.data.batch_size % (devices * cfg.train.microbatches) == 0
+    if name.startswith("h100"):  # what attention_impl=auto resolves to on the GPU
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="cudnn"))
+    # The estimate errs low (about 2x against XLA's allocation on CPU): keep that margin.
+    assert 2 * estimate_memory(cfg, devices).per_device < device_bytes
