@@ -12,7 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests train the same tiny model in separate train() calls, each jitting its own closures,
 # so the in-memory cache never hits; XLA's persistent cache keys on the compiled program itself,
 # so identical programs compile once per session (train + rundir tests: 198 s -> 152 s). A fresh
-# directory per session: nothing stale carries over between runs.
+# directory per session: nothing stale carries over between runs. pytest-xdist's controller loads
+# this file before it starts its workers, so they inherit the variable and share the directory.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
