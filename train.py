@@ -9,7 +9,12 @@ Running the same command again resumes from the latest checkpoint in train.run_d
 import os
 import sys
 
-from layerjax.cli import StorageExit, exit_code, train_main
+if __name__ == "__main__":
+    from layerjax.allocator import use_tcmalloc
+
+    use_tcmalloc()  # before jax is imported: re-executes under tcmalloc where installed
+
+from layerjax.cli import StorageExit, exit_code, train_main  # noqa: E402
 
 if __name__ == "__main__":
     try:
