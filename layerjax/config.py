@@ -31,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm_type": ("rms", "layer"),
     # Norm schemes (README "Normalization schemes"): placements and per-layer scalings.
     "model.norm": ("pre", "post", "mix", "peri", "reordered", "lns", "deepnorm", "none"),
-    "model.remat": ("none", "full", "save_matmuls"),
+    "model.remat": ("auto", "none", "full", "save_matmuls"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.rope_scaling": ("none", "linear", "llama3"),
@@ -181,8 +181,10 @@ class ModelConfig:
     document_mask: bool = True
     scan_layers: bool = True  # one scan per segment of equal layers; false: a python loop (for debugging)
     # Rematerialisation of each layer in the backward pass: "none" keeps its activations; "full"
-    # recomputes the layer; "save_matmuls" keeps the weight matmuls' outputs, recomputes the rest.
-    remat: str = "none"
+    # recomputes the layer; "save_matmuls" keeps the weight matmuls' outputs, recomputes the rest;
+    # "auto" is save_matmuls on CPU (faster there than keeping everything, README "Performance on
+    # CPU") and none on accelerators.
+    remat: str = "auto"
     dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
     param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -135,9 +135,9 @@ def test_cached_decoding_equals_full_forward(positions):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_matmuls"])
+@pytest.mark.parametrize("remat", ["full", "save_matmuls", "auto"])
 def test_remat_leaves_gradients_unchanged(remat):
-    plain = Transformer(TINY, nnx.Rngs(0))
+    plain = Transformer(dataclasses.replace(TINY, remat="none"), nnx.Rngs(0))
     graph, params = nnx.split(plain, nnx.Param)
     graph_r, _ = nnx.split(Transformer(dataclasses.replace(TINY, remat=remat), nnx.Rngs(0)), nnx.Param)
     toks = tokens()
@@ -152,3 +152,11 @@ def test_untied_head_and_bfloat16_compute():
     chex.assert_shape(logits, (2, 12, 61))
     assert logits.dtype == jnp.float32 and model.head is not None
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_auto_remat_is_save_matmuls_on_cpu_and_explicit_choices_pass_through():
+    from layerjax.model.transformer import resolve_remat
+
+    assert jax.devices()[0].platform == "cpu" and TINY.remat == "auto"
+    assert resolve_remat(TINY) == "save_matmuls"
+    assert [resolve_remat(dataclasses.replace(TINY, remat=r)) for r in ("none", "full")] == ["none", "full"]

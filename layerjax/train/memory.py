@@ -21,6 +21,7 @@ from layerjax.config import Config, ConfigError, ModelConfig, d_ff, head_dim, kv
 from layerjax.layers.attention_kernels import resolve_attention_impl
 from layerjax.layers.canon import canon_widths
 from layerjax.layers.mlp import GATED_ACTIVATIONS
+from layerjax.model.transformer import resolve_remat
 from layerjax.train.flops import adapter_matmul_params, unique_matmul_params
 
 ADAM_MOMENTS = 2  # optax.adamw keeps mu and nu, each in its parameter's dtype
@@ -124,7 +125,7 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     matmul_outputs = (2 * d + (q + 2 * kv + (2 if gated else 1) * ff) / tensor_split) * itemsize
     saved = {"none": m.num_layers * whole_layer,
              "save_matmuls": m.num_layers * matmul_outputs + whole_layer,
-             "full": m.num_layers * d * itemsize + whole_layer}[m.remat]
+             "full": m.num_layers * d * itemsize + whole_layer}[resolve_remat(m)]
     # float32 logits and their gradient: of every position, or of one block of model.loss_chunk
     # positions (the backward pass recomputes each block from the residual stream).
     logit_positions = min(seq, m.loss_chunk) if m.loss_chunk else seq
@@ -159,7 +160,7 @@ def shortfall(cfg: Config, estimate: MemoryEstimate, limit: tuple[int, str] | No
     m = cfg.model
     if estimate.activations > estimate.params + estimate.grads + estimate.optimizer:
         fixes = "lower data.batch_size or data.seq_len, raise train.microbatches"
-        fixes += "" if m.remat == "full" else ", or set model.remat=full"
+        fixes += "" if resolve_remat(m) == "full" else ", or set model.remat=full"
     else:
         fixes = "use a smaller model (model.d_model, model.num_layers, model.d_ff)"
         fixes += ", model.param_dtype=bfloat16" if m.param_dtype == "float32" else ""
