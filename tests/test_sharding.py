@@ -221,3 +221,19 @@ def test_dry_run_refuses_a_bad_mesh_before_building_anything():
                          capture_output=True, text=True, cwd=TESTS.parent, env=env)
     assert out.returncode != 0
     assert "config error: mesh.shape: the fixed sizes {'data': 1, 'expert': 1, 'tensor': 3} multiply to 3" in out.stderr
+
+
+def test_train_step_program_does_not_grow_with_depth_with_canon_under_fsdp_tp():
+    """Compile time flat in depth (issue 13 item 5): with canon layers everywhere and under
+    fsdp_tp, the compiled train step of 12 layers is the same program as that of 2 (one scan
+    body); only the trip count and the stacked shapes differ."""
+    def hlo_ops(layers):
+        cfg = load_config("default", [*MODEL, f"model.num_layers={layers}", "model.canon=ABCD",
+                                      "mesh.rules=fsdp_tp", "mesh.shape.tensor=2"])
+        setup = build_setup(cfg)
+        batch = next(fixed_batches(cfg, 64, 1))
+        text = jit_train_step(setup).lower(setup.abstract_state, batch).compile().as_text()
+        return sum(1 for line in text.splitlines() if " = " in line)
+
+    two, twelve = hlo_ops(2), hlo_ops(12)
+    assert twelve <= 1.05 * two, (two, twelve)
