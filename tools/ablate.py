@@ -21,10 +21,15 @@ import argparse
 import pathlib
 import sys
 
-from layerjax.ablation.grid import cell_result, expand, parse_axes, parse_variants, run_grid, variant_axis
-from layerjax.ablation.plots import plot_grid
-from layerjax.ablation.report import write_tables
-from layerjax.config import ConfigError
+if __name__ == "__main__":
+    from layerjax.allocator import use_tcmalloc
+
+    use_tcmalloc()  # before jax is imported: the cells train in this process
+
+from layerjax.ablation.grid import cell_result, expand, parse_axes, parse_variants, run_grid, variant_axis  # noqa: E402
+from layerjax.ablation.plots import plot_grid  # noqa: E402
+from layerjax.ablation.report import write_tables  # noqa: E402
+from layerjax.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> dict:
