@@ -88,3 +88,19 @@ def test_blockwise_loss_never_holds_the_whole_logits():
 def test_a_negative_loss_chunk_is_refused():
     with pytest.raises(ConfigError, match="model.loss_chunk"):
         load_config("default", ["model.loss_chunk=-1"])
+
+
+def test_early_exit_losses_are_the_same_blockwise():
+    from layerjax.train.step import token_losses
+
+    losses = {}
+    for chunk in (0, 5):
+        cfg = load_config("default", [*TINY, "model.num_layers=4", "model.recursion.blocks=2",
+                                      "model.recursion.exits=loops", f"model.loss_chunk={chunk}"])
+        setup = build_setup(cfg)
+        batch = {k: jnp.asarray(v) for k, v in next(fixed_batches(cfg, 97, 1)).items()}
+        ce, log_z, predictions, _, exits = token_losses(setup.graphdef, init_state(setup, 0).params, batch)
+        losses[chunk] = (ce, log_z, predictions, exits["ce"], exits["predictions"])
+    assert losses[0][3].shape == (1, 4, 16)  # one exit, after the first loop
+    for whole, blocks in zip(losses[0], losses[5]):
+        np.testing.assert_allclose(whole, blocks, rtol=1e-5, atol=1e-6)
