@@ -35,6 +35,11 @@ def tcmalloc_env(env: dict[str, str], candidates=TCMALLOC_PATHS) -> dict[str, st
     return {**env, "LD_PRELOAD": preload, OPT_OUT: "system"}
 
 
+def current_allocator() -> str:
+    """"tcmalloc" when this process runs with it preloaded, else "system"."""
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+
+
 def use_tcmalloc() -> None:
     """Replaces this process (same pid, same arguments) by one with tcmalloc preloaded."""
     env = tcmalloc_env(dict(os.environ))

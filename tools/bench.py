@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import statistics
@@ -37,6 +36,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from layerjax.allocator import current_allocator  # noqa: E402
 from layerjax.cli import add_config_args, config_from_args  # noqa: E402
 from layerjax.train.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from layerjax.sharding import per_device_bytes  # noqa: E402
@@ -73,7 +73,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
         "params": setup.num_params,
         "compile_s": compile_s,
         # layerjax/allocator.py: glibc's malloc costs bench_cpu ~15% in page faults
-        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+        "allocator": current_allocator(),
     }
     if steps > 0:  # --steps 0: compile time and memory only
         result.update(_time_steps(cfg, setup, compiled, state, batch, steps, warmup, peak_flops))
@@ -154,8 +154,7 @@ def compare_torch(args, rounds: int) -> dict:
     cfg = config_from_args(args)
     if not TORCH_REF.is_file():
         sys.exit(f"bench: --compare-torch needs {TORCH_REF} (the PyTorch reference); it is not there")
-    allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "the system malloc"
-    print(f"both sides run under {allocator} (layerjax/allocator.py)", flush=True)
+    print(f"both sides run under the {current_allocator()} allocator (layerjax/allocator.py)", flush=True)
     for mismatch in reference_mismatches(cfg):
         print(f"note: {mismatch}: the two sides run different models", flush=True)
     ours_cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--config", args.config, *args.overrides,
