@@ -31,13 +31,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm_type": ("rms", "layer"),
     # Norm schemes (README "Normalization schemes"): placements and per-layer scalings.
     "model.norm": ("pre", "post", "mix", "peri", "reordered", "lns", "deepnorm", "none"),
-    "model.remat": ("auto", "none", "full", "save_matmuls"),
+    "model.remat": ("auto", "none", "full", "save_matmuls", "save_dots"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.qk_norm_scope": ("head", "full"),
     # Attention kernels (README "Attention implementations"; layerjax/layers/attention_kernels.py).
-    "model.attention_impl": ("auto", "xla", "jax_nn", "cudnn", "chunked"),
+    "model.attention_impl": ("auto", "xla", "causal_blocks", "jax_nn", "cudnn", "chunked"),
     # Tuple settings: every entry must be one of these.
     "model.window_pattern": ("local", "global"),
     "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
@@ -145,12 +145,15 @@ class ModelConfig:
     attn_softcap: float = 0.0  # 0: off; else attention logits become cap * tanh(logits / cap)
     final_softcap: float = 0.0  # 0: off; else output logits become cap * tanh(logits / cap)
     # How attention is computed (the same result): "xla" the hand-written whole-score-matrix
-    # formulation (the reference); "jax_nn" jax.nn.dot_product_attention's XLA implementation;
-    # "cudnn" its cuDNN flash attention (NVIDIA GPU and dtype bfloat16); "chunked" blockwise with an
-    # online softmax, memory linear in the sequence length; "auto" cudnn where it runs, else xla.
-    # Only xla and chunked have attn_softcap. One-token decoding steps always run xla.
+    # formulation (the reference); "causal_blocks" the same per block of queries, skipping the keys
+    # after each block (the upper triangle); "jax_nn" jax.nn.dot_product_attention's XLA
+    # implementation; "cudnn" its cuDNN flash attention (NVIDIA GPU and dtype bfloat16); "chunked"
+    # blockwise with an online softmax, memory linear in the sequence length; "auto" cudnn where it
+    # runs, else causal_blocks. jax_nn and cudnn have no attn_softcap. One-token decoding steps run xla.
     attention_impl: str = "auto"
     attention_chunk: int = 512  # attention_impl=chunked: queries (and keys) per block of scores
+    # attention_impl=causal_blocks: queries per block (more when a row would have over 4 blocks)
+    attention_block: int = 128
     # Sequence positions per block of the output head in the loss (train and eval steps): one
     # float32 [batch, loss_chunk, vocab] block of logits at a time, recomputed in the backward pass,
     # instead of [batch, seq_len, vocab] (for large vocabularies); 0: the whole sequence at once.
@@ -182,8 +185,8 @@ class ModelConfig:
     scan_layers: bool = True  # one scan per segment of equal layers; false: a python loop (for debugging)
     # Rematerialisation of each layer in the backward pass: "none" keeps its activations; "full"
     # recomputes the layer; "save_matmuls" keeps the weight matmuls' outputs, recomputes the rest;
-    # "auto" is save_matmuls on CPU (faster there than keeping everything, README "Performance on
-    # CPU") and none on accelerators.
+    # "save_dots" keeps attention's score and value matmuls too; "auto" is save_dots on CPU (faster
+    # there than keeping everything, README "Performance on CPU") and none on accelerators.
     remat: str = "auto"
     dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
     param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in
@@ -669,6 +672,7 @@ def validate(cfg: Config) -> None:
         "data.batch_size": cfg.data.batch_size, "train.steps": t.steps,
         "train.microbatches": t.microbatches, "train.log_every": t.log_every,
         "checkpoint.keep": cfg.checkpoint.keep, "model.attention_chunk": m.attention_chunk,
+        "model.attention_block": m.attention_block,
     }, lambda v: v > 0, "positive")
     # Cadences: 0 is how one is turned off; a negative one is a typo, not a cadence (the loop's
     # `step % n` would quietly fire every |n| steps).

@@ -1,6 +1,7 @@
 """Attention kernels (model.attention_impl): every kernel that runs on CPU equals the hand-written
 reference ("xla") in value and gradient, inside a whole model and when decoding with a cache;
-"chunked" keeps memory linear in the sequence length; "cudnn" is refused off an NVIDIA GPU."""
+"causal_blocks" computes no score above the diagonal's blocks; "chunked" keeps memory linear in
+the sequence length; "cudnn" is refused off an NVIDIA GPU."""
 
 import dataclasses
 import functools
@@ -14,7 +15,7 @@ from flax import nnx
 from layerjax.config import Config, ConfigError, ModelConfig, validate
 from layerjax.generate import generate
 from layerjax.layers.attention import Context, token_coords
-from layerjax.layers.attention_kernels import attend, chunked_attention, resolve_attention_impl
+from layerjax.layers.attention_kernels import attend, causal_block_bounds, chunked_attention, resolve_attention_impl
 from layerjax.model.transformer import Transformer
 
 CHUNK = 4  # small, so rows of 10 tokens span several query and key blocks and end in a partial one
@@ -27,7 +28,8 @@ CASES = {
     "window": (2, 4, 2, 10, [[0] * 6 + [1] * 4, [0] * 10], 3, 0.0),
     "softcap": (2, 4, 2, 10, [[0] * 4 + [1] * 6, [0] * 10], 5, 2.0),
 }
-CPU_IMPLS = ("jax_nn", "chunked")
+CPU_IMPLS = ("causal_blocks", "jax_nn", "chunked")
+SOFTCAP_IMPLS = ("causal_blocks", "chunked")
 
 
 @functools.cache  # the reference of a case serves every kernel's test
@@ -47,7 +49,7 @@ def forward_and_grads(impl, case, seed=0):
 
     def loss(q, k, v):
         out = attend(impl, q, k, v, *token_coords(ctx, length), window, self_attention=True, scale=0.3,
-                     logit_cap=cap, chunk=CHUNK)
+                     logit_cap=cap, chunk=CHUNK, block=CHUNK)
         return jnp.sum(out * cotangent), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -55,7 +57,7 @@ def forward_and_grads(impl, case, seed=0):
 
 
 @pytest.mark.parametrize("impl, case", [(impl, case) for impl in CPU_IMPLS for case in CASES
-                                        if case != "softcap" or impl == "chunked"])
+                                        if case != "softcap" or impl in SOFTCAP_IMPLS])
 def test_kernel_equals_reference_in_value_and_gradient(impl, case):
     out, grads = forward_and_grads(impl, case)
     ref_out, ref_grads = forward_and_grads("xla", case)
@@ -73,7 +75,7 @@ def test_library_kernels_refuse_a_softcap():
 # softcap (so jax_nn is left out of the model tests), QK-norm and RoPE.
 MODEL = ModelConfig(vocab_size=61, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, max_seq_len=32,
                     sliding_window=3, window_pattern=("local", "global"), attn_softcap=3.0, qk_norm=True,
-                    attention_chunk=CHUNK)
+                    attention_chunk=CHUNK, attention_block=CHUNK)
 
 
 def model_logits_and_grads(impl):
@@ -90,8 +92,9 @@ def model_logits_and_grads(impl):
     return logits, nnx.state(grads, nnx.Param)
 
 
-def test_model_with_chunked_attention_equals_xla_in_logits_and_gradients():
-    logits, grads = model_logits_and_grads("chunked")
+@pytest.mark.parametrize("impl", SOFTCAP_IMPLS)
+def test_model_with_blockwise_attention_equals_xla_in_logits_and_gradients(impl):
+    logits, grads = model_logits_and_grads(impl)
     ref_logits, ref_grads = model_logits_and_grads("xla")
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for (path, grad), (_, ref) in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves_with_path(ref_grads)):
@@ -127,6 +130,23 @@ def test_chunked_training_memory_grows_linearly_with_length():
     assert long < 5 * short, (short, long)
 
 
+def temp_bytes_of_model_gradient(length, impl):
+    """Of a model's gradient under the default remat (model.remat=auto), layers scanned."""
+    m = dataclasses.replace(MODEL, attention_impl=impl, attn_softcap=0.0, sliding_window=0, window_pattern=(),
+                            attention_chunk=64, max_seq_len=length, num_layers=2)
+    graph, params = nnx.split(Transformer(m, nnx.Rngs(0)))
+    loss = lambda params, tokens: jnp.mean(nnx.merge(graph, params)(tokens)[0])
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    return jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_model_memory_stays_linear_under_the_default_remat():
+    """remat=auto keeps attention's score matmuls on CPU (save_dots) except with the chunked
+    kernel: there they would be every score block, and memory quadratic again."""
+    short, long = temp_bytes_of_model_gradient(256, "chunked"), temp_bytes_of_model_gradient(1024, "chunked")
+    assert long < 5 * short, (short, long)
+
+
 def test_cudnn_is_refused_with_a_clear_message_where_it_cannot_run():
     cfg = Config()
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):  # this machine has none
@@ -139,6 +159,19 @@ def test_cudnn_is_refused_with_a_clear_message_where_it_cannot_run():
                 cfg.model, attention_impl=impl, dtype="bfloat16", attn_softcap=50.0)))
 
 
-def test_auto_is_the_reference_on_cpu():
+def test_auto_is_causal_blocks_on_cpu():
     assert resolve_attention_impl(dataclasses.replace(MODEL, attention_impl="auto", attn_softcap=0.0,
-                                                      dtype="bfloat16")) == "xla"
+                                                      dtype="bfloat16")) == "causal_blocks"
+
+
+def test_causal_blocks_skip_the_upper_triangle_of_blocks():
+    """Blocks of 128 queries at 512 tokens: 4 blocks compute 10 of the 16 [128, 128] score
+    tiles; a row longer than 4 blocks gets larger blocks instead of more of them."""
+    assert causal_block_bounds(512, 128) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    assert causal_block_bounds(300, 128)[-1] == (256, 300)
+    assert causal_block_bounds(8192, 128) == [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192)]
+    q = jax.ShapeDtypeStruct((1, 2, 512, 16), jnp.float32)
+    coords = token_coords(Context(jnp.zeros((1, 512), jnp.int32)), 512)
+    flops = {impl: jax.jit(lambda q: attend(impl, q, q, q, *coords, None, self_attention=True, block=128)).lower(
+        q).compile().cost_analysis()["flops"] for impl in ("xla", "causal_blocks")}
+    assert flops["causal_blocks"] < 0.7 * flops["xla"], flops

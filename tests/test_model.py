@@ -135,7 +135,7 @@ def test_cached_decoding_equals_full_forward(positions):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_matmuls", "auto"])
+@pytest.mark.parametrize("remat", ["full", "save_matmuls", "save_dots", "auto"])
 def test_remat_leaves_gradients_unchanged(remat):
     plain = Transformer(dataclasses.replace(TINY, remat="none"), nnx.Rngs(0))
     graph, params = nnx.split(plain, nnx.Param)
@@ -154,9 +154,12 @@ def test_untied_head_and_bfloat16_compute():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def test_auto_remat_is_save_matmuls_on_cpu_and_explicit_choices_pass_through():
+def test_auto_remat_is_save_dots_on_cpu_and_explicit_choices_pass_through():
     from layerjax.model.transformer import resolve_remat
 
     assert jax.devices()[0].platform == "cpu" and TINY.remat == "auto"
-    assert resolve_remat(TINY) == "save_matmuls"
-    assert [resolve_remat(dataclasses.replace(TINY, remat=r)) for r in ("none", "full")] == ["none", "full"]
+    assert resolve_remat(TINY) == "save_dots"
+    # save_dots would keep the chunked kernel's score blocks (test_attention_impl checks the memory)
+    assert resolve_remat(dataclasses.replace(TINY, attention_impl="chunked")) == "save_matmuls"
+    explicit = ("none", "full", "save_matmuls", "save_dots")
+    assert [resolve_remat(dataclasses.replace(TINY, remat=r)) for r in explicit] == list(explicit)

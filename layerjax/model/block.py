@@ -43,7 +43,7 @@ class Block(nnx.Module):
             norm_offset=m.norm_offset, biases=biased_projections(m), scale=m.attn_scale, logit_cap=m.attn_softcap,
             init_std=m.init_std, rngs=rngs, canon_b=canon("B", None), value_init_scale=spec.init_scale,
             adapters=make_attention_adapters(m, spec, rngs), impl=resolve_attention_impl(m),
-            chunk=m.attention_chunk)
+            chunk=m.attention_chunk, block=m.attention_block)
         self.mlp_norm = norm()
         self.canon_c = canon("C", "embed")
         mlp_adapters, router = make_mlp_adapters(m, spec, rngs)

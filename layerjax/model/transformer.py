@@ -11,7 +11,7 @@ from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
 from layerjax.layers.adapters import pool_router_stats
 from layerjax.layers.attention import Context, KVCache
-from layerjax.layers.attention_kernels import softcap
+from layerjax.layers.attention_kernels import resolve_attention_impl, softcap
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
 from layerjax.layers.params import dense, normal_param
@@ -27,16 +27,25 @@ REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     # keep the outputs of weight matmuls, recompute attention scores and elementwise ops
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # keep every matmul's output, attention's scores and weighted values too: the backward pass
+    # recomputes only elementwise work (the softmax's exp among it). Scores cost [heads, keys] per
+    # token and layer; the chunked kernel's own checkpoints still keep none.
+    "save_dots": jax.checkpoint_policies.dots_saveable,
 }
 
 
 def resolve_remat(m: ModelConfig) -> str:
-    """model.remat as a policy name. "auto": on CPU save_matmuls, which recomputes the elementwise
+    """model.remat as a policy name. "auto": on CPU save_dots, which recomputes the elementwise
     work instead of storing it, and was faster there than keeping everything (bench_cpu ~+15%:
-    storing costs more memory traffic and page faults than recomputing); elsewhere none."""
+    storing costs more memory traffic and page faults than recomputing) and than recomputing
+    attention's matmuls too (save_matmuls, ~5%); but save_matmuls with the chunked kernel,
+    whose score blocks save_dots would keep, and memory would grow quadratically again;
+    elsewhere none."""
     if m.remat != "auto":
         return m.remat
-    return "save_matmuls" if jax.devices()[0].platform == "cpu" else "none"
+    if jax.devices()[0].platform != "cpu":
+        return "none"
+    return "save_matmuls" if resolve_attention_impl(m) == "chunked" else "save_dots"
 
 
 class LayerStack(nnx.Module):

@@ -18,7 +18,7 @@ import numpy as np
 
 from layerjax import sharding
 from layerjax.config import Config, ConfigError, ModelConfig, d_ff, head_dim, kv_heads
-from layerjax.layers.attention_kernels import resolve_attention_impl
+from layerjax.layers.attention_kernels import causal_block_bounds, resolve_attention_impl
 from layerjax.layers.canon import canon_widths
 from layerjax.layers.mlp import GATED_ACTIVATIONS
 from layerjax.model.transformer import resolve_remat
@@ -104,8 +104,9 @@ def estimate_memory(cfg: Config, device_count: int | None = None) -> MemoryEstim
 
 def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     """What the backward pass keeps for one microbatch on one device: per layer, the tensors a
-    pre-norm block saves (model.remat=none), only the matmul outputs (save_matmuls) or only the
-    layer input plus one layer recomputed at a time (full); and the float32 logits."""
+    pre-norm block saves (model.remat=none), only the matmul outputs (save_matmuls; save_dots
+    adds attention's), or only the layer input plus one layer recomputed at a time (full); and
+    the float32 logits."""
     m, d = cfg.model, cfg.model.d_model
     rows = -(-cfg.data.batch_size // (cfg.train.microbatches * batch_split))
     tokens, seq = rows * cfg.data.seq_len, cfg.data.seq_len
@@ -117,14 +118,22 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     # tensors, and the [heads, seq] attention scores (float32) and probabilities.
     whole_layer = (4 * d + (2 * q + 2 * kv + (4 if gated else 2) * ff) / tensor_split) * itemsize
     # The chunked kernel keeps one [heads, chunk] block of scores per query at a time, not [heads,
-    # seq]; cuDNN's flash attention keeps only each query's softmax statistics (float32 per head).
+    # seq]; causal_blocks keeps the keys up to each query's block end, on average
+    # `causal_block_keys`; cuDNN's flash attention keeps only each query's softmax statistics
+    # (float32 per head).
     impl = resolve_attention_impl(m) if m.attention_impl == "auto" else m.attention_impl
-    score_bytes = {"chunked": min(seq, m.attention_chunk) * (4 + itemsize), "cudnn": 4}.get(impl, seq * (4 + itemsize))
+    keys_per_query = {"chunked": min(seq, m.attention_chunk), "cudnn": 0,
+                      "causal_blocks": causal_block_keys(seq, m.attention_block)}.get(impl, seq)
+    score_bytes = 4 if impl == "cudnn" else keys_per_query * (4 + itemsize)
     whole_layer += m.num_heads / tensor_split * score_bytes
     # save_matmuls keeps only the outputs of the weight matmuls (q, k, v, o, the MLP's up/gate, down).
     matmul_outputs = (2 * d + (q + 2 * kv + (2 if gated else 1) * ff) / tensor_split) * itemsize
+    # save_dots adds attention's float32 scores and its weighted values, where they are matmuls of
+    # the layer (the chunked kernel recomputes its own; cuDNN's are inside its kernel).
+    attention_dots = 0 if impl in ("chunked", "cudnn") else m.num_heads / tensor_split * keys_per_query * 4 + q * 4
     saved = {"none": m.num_layers * whole_layer,
              "save_matmuls": m.num_layers * matmul_outputs + whole_layer,
+             "save_dots": m.num_layers * (matmul_outputs + attention_dots) + whole_layer,
              "full": m.num_layers * d * itemsize + whole_layer}[resolve_remat(m)]
     # float32 logits and their gradient: of every position, or of one block of model.loss_chunk
     # positions (the backward pass recomputes each block from the residual stream).
@@ -180,3 +189,8 @@ def check_fits(cfg: Config) -> MemoryEstimate:
         raise ConfigError(f"model.d_model={m.d_model} x model.num_layers={m.num_layers} needs about "
                           f"{estimate.describe()}; {problem}")
     return estimate
+
+
+def causal_block_keys(seq: int, block: int) -> float:
+    """Keys per query, averaged over a row, that attention_impl=causal_blocks computes scores for."""
+    return sum((end - start) * end for start, end in causal_block_bounds(seq, block)) / seq

@@ -23,7 +23,8 @@ LOCK_NAME = ".lock"
 # devices, or where the run lives, never what it computes (a checkpoint restores under any mesh).
 FREE_PREFIXES = ("logging.", "checkpoint.", "mesh.", "train.log_every", "train.eval_every",
                  "train.on_nonfinite", "train.max_skipped", "train.profile_steps", "train.init_from", "train.run_dir",
-                 "model.remat", "model.attention_impl", "model.attention_chunk", "model.loss_chunk")
+                 "model.remat", "model.attention_impl", "model.attention_chunk", "model.attention_block",
+                 "model.loss_chunk")
 # Settings a resume may change only with --allow-config-change: the model and the data stream stay
 # the same, but the optimisation continues differently from how it started (a longer or shorter
 # schedule, another learning rate, more eval batches).
