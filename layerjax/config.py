@@ -735,7 +735,7 @@ def validate(cfg: Config) -> None:
             "set model.sliding_window to the window length, or clear model.window_pattern")
     if m.attention_impl in ("jax_nn", "cudnn") and m.attn_softcap:
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} (jax.nn.dot_product_attention) has no logit "
-                          "softcap, and model.attn_softcap is set; use model.attention_impl=xla or chunked")
+                          "softcap, and model.attn_softcap is set; use model.attention_impl=causal_blocks, xla or chunked")
     if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
         raise ConfigError(f"model.attention_impl='cudnn' (flash attention) computes in half precision; set "
                           f"model.dtype=bfloat16 (now {m.dtype!r}) or use model.attention_impl=auto")

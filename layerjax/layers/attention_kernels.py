@@ -6,7 +6,7 @@ by a group of G = H / N query heads) and returns [B, H, L, K]. Which keys a quer
 (model.attention_impl):
 
 - "xla", `reference_attention`: the whole [L, S] score matrix per head, hand-written. The reference
-  the others are tested against, and the only one besides "chunked" with a logit softcap.
+  the others are tested against; it, "causal_blocks" and "chunked" have a logit softcap.
 - "jax_nn" / "cudnn", `library_attention`: `jax.nn.dot_product_attention` with its XLA or cuDNN
   (flash attention) implementation. It has no logit softcap.
 - "causal_blocks", `causal_block_attention`: the reference, one block of queries at a time against
@@ -75,8 +75,8 @@ def reference_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS, scale: floa
 
 # causal_blocks cuts a sequence into at most this many query blocks (they grow beyond
 # model.attention_block instead): each block is its own attention in the compiled step, and
-# compiling bench_cpu at seq 2048 took 12.7 s with 16 blocks against 4.5 s for "xla". Four
-# blocks still skip 3/8 of the score matrix.
+# compiling bench_cpu at seq 2048 took 12.7 s with 16 blocks, 6.4 s with 4 and 4.5-5.6 s for
+# "xla". Four blocks still skip 3/8 of the score matrix.
 MAX_CAUSAL_BLOCKS = 4
 
 
@@ -215,7 +215,7 @@ def attend(impl: str, q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, queries: TokenCoords, key
     if impl in ("xla", "causal_blocks"):
         return reference_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, visible(queries, keys, window), scale, logit_cap)
     if logit_cap:
-        raise ValueError(f"attention_impl={impl!r} has no logit softcap; use 'xla' or 'chunked'")
+        raise ValueError(f"attention_impl={impl!r} has no logit softcap; use 'causal_blocks', 'xla' or 'chunked'")
     only_causal = self_attention and queries.segment is None and window is None
     mask_BxLxS = None if only_causal else visible(queries, keys, window)
     return library_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS, causal=self_attention, scale=scale,

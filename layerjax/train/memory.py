@@ -128,9 +128,9 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     whole_layer += m.num_heads / tensor_split * score_bytes
     # save_matmuls keeps only the outputs of the weight matmuls (q, k, v, o, the MLP's up/gate, down).
     matmul_outputs = (2 * d + (q + 2 * kv + (2 if gated else 1) * ff) / tensor_split) * itemsize
-    # save_dots adds attention's float32 scores and its weighted values, where they are matmuls of
-    # the layer (the chunked kernel recomputes its own; cuDNN's are inside its kernel).
-    attention_dots = 0 if impl in ("chunked", "cudnn") else m.num_heads / tensor_split * keys_per_query * 4 + q * 4
+    # save_dots adds attention's float32 scores and its weighted values (compute dtype), where they
+    # are matmuls of the layer (the chunked kernel recomputes its own; cuDNN's are inside its kernel).
+    attention_dots = 0 if impl in ("chunked", "cudnn") else (m.num_heads * keys_per_query * 4 + q * itemsize) / tensor_split
     saved = {"none": m.num_layers * whole_layer,
              "save_matmuls": m.num_layers * matmul_outputs + whole_layer,
              "save_dots": m.num_layers * (matmul_outputs + attention_dots) + whole_layer,
