@@ -9,7 +9,7 @@ from layerjax import sharding
 from layerjax.config import Config
 from layerjax.data.pipeline import build_data
 from layerjax.train.flops import flops_per_token, matmul_params, relax_matmul_params, unique_matmul_params
-from layerjax.train.memory import estimate_memory, human_bytes, memory_limit, shortfall
+from layerjax.train.memory import estimate_memory, human_bytes, memory_limit, remat_ignored, shortfall
 from layerjax.train.state import build_setup, resolve_vocab
 
 
@@ -42,7 +42,8 @@ def dry_run_report(cfg: Config) -> str:
         f"vocabulary           {m.vocab_size} ({source})",
         "",
         f"layer plan: {m.num_layers} layers in {len(setup.plan.segments)} scanned segment(s)"
-        + ("" if m.scan_layers else " (run unrolled: model.scan_layers=false)"),
+        + ("" if m.scan_layers else " (run unrolled: model.scan_layers=false"
+           + ("; on CPU every activation is kept, whatever model.remat)" if remat_ignored(m) else ")")),
         setup.plan.table(),
         "",
         f"mesh {dict(setup.mesh.shape)} with rules '{cfg.mesh.rules}': {setup.rules}",

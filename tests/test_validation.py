@@ -157,6 +157,45 @@ def test_sharding_divides_the_state_and_activations_suggest_their_fixes():
     assert shortfall(big_batch, estimate_memory(big_batch, 1), None, "gpu") is None
 
 
+def temp_bytes_of_gradient(scan: bool, remat: str) -> int:
+    """XLA temp bytes of a 2-layer model's gradient, compiled for this (CPU) backend."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from layerjax.model.transformer import Transformer
+
+    m = dataclasses.replace(load_config("default").model, vocab_size=41, num_layers=2, max_seq_len=64, canon="",
+                            scan_layers=scan, remat=remat)
+    graph, params = nnx.split(Transformer(m, nnx.Rngs(0)))
+    loss = lambda params, tokens: jnp.mean(nnx.merge(graph, params)(tokens)[0])
+    tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+    return jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_unrolled_layers_on_cpu_keep_every_activation_and_the_estimate_knows():
+    """XLA:CPU merges a remat's recomputation back into the forward pass when layers are not
+    scanned, so remat=full keeps what none keeps; the estimate counts them so, and the fix it
+    suggests is the scan, not a remat policy that does nothing there."""
+    import jax
+
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("a property of XLA:CPU")
+    assert temp_bytes_of_gradient(scan=False, remat="full") > 1.4 * temp_bytes_of_gradient(scan=True, remat="full")
+    scanned = resolve_vocab(load_config("default", ["model.remat=full"]), 41)
+    unrolled = dataclasses.replace(scanned, model=dataclasses.replace(scanned.model, scan_layers=False))
+    keep_all = dataclasses.replace(scanned, model=dataclasses.replace(scanned.model, remat="none"))
+    assert estimate_memory(unrolled, 1).activations == estimate_memory(keep_all, 1).activations
+    assert estimate_memory(scanned, 1).activations < estimate_memory(keep_all, 1).activations / 2
+    big = lambda cfg: dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=4096))
+    on_cpu = shortfall(big(unrolled), estimate_memory(big(unrolled), 1), (2**20, "test memory"), "cpu")
+    assert on_cpu.endswith("or set model.scan_layers=true (unrolled layers on CPU keep every activation "
+                           "whatever model.remat)")
+    # On an accelerator the remat policy holds unrolled too (the scan is not needed for it).
+    on_gpu = shortfall(big(unrolled), estimate_memory(big(unrolled), 1), (2**20, "test memory"), "gpu")
+    assert "scan_layers" not in on_gpu
+
+
 def test_dry_run_shows_the_memory_estimate():
     from layerjax.dryrun import dry_run_report
 
