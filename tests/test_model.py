@@ -51,7 +51,8 @@ def test_plan_segments_and_table():
     assert len(table) == 2 + 6 and "2 (layers 5-5)" in table[-1]
 
 
-@pytest.mark.parametrize("canon", ["", "ABCD"])
+# With canon at every position the check covers the plain model too; without canon it waits for -m slow.
+@pytest.mark.parametrize("canon", [pytest.param("", marks=pytest.mark.slow), "ABCD"])
 def test_scanned_equals_unrolled_logits_and_grads(canon):
     m = dataclasses.replace(TINY, canon=canon)
     scanned = Transformer(m, nnx.Rngs(0))
