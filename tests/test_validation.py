@@ -191,7 +191,7 @@ def test_unrolled_layers_on_cpu_keep_every_activation_and_the_estimate_knows():
     on_cpu = shortfall(big(unrolled), estimate_memory(big(unrolled), 1), (2**20, "test memory"), "cpu")
     assert on_cpu.endswith("or set model.scan_layers=true (unrolled layers on CPU keep every activation "
                            "whatever model.remat)")
-    # On an accelerator the remat policy holds unrolled too (the scan is not needed for it).
+    # Elsewhere the estimate counts the remat policy unrolled too (not measured on an accelerator here).
     on_gpu = shortfall(big(unrolled), estimate_memory(big(unrolled), 1), (2**20, "test memory"), "gpu")
     assert "scan_layers" not in on_gpu
 
