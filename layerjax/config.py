@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.qk_norm_scope": ("head", "full"),
     # Attention kernels (README "Attention implementations"; layerjax/layers/attention_kernels.py).
     "model.attention_impl": ("auto", "xla", "causal_blocks", "jax_nn", "cudnn", "chunked"),
+    "model.canon_impl": ("auto", "xla", "cpu_kernel"),
     # Tuple settings: every entry must be one of these.
     "model.window_pattern": ("local", "global"),
     "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
@@ -172,6 +173,10 @@ class ModelConfig:
     canon_bias: bool = False  # a bias on the convolution
     canon_activation: bool = False  # SiLU on the convolution
     canon_trainable: bool = True  # false: canon weights stay at their random init (frozen)
+    # How a canon convolution is computed (the same result): "xla" shifted adds in JAX; "cpu_kernel"
+    # one-pass C++ kernels through XLA's FFI, compiled on first use (needs a C++ compiler; float32,
+    # CPU, one device); "auto" cpu_kernel where it applies and builds, else xla.
+    canon_impl: str = "auto"
     final_norm: bool = True  # a norm on the last layer's output, before the head
     use_bias: bool = False  # a bias on every projection and every norm (GPT-2)
     # Projections with a bias when use_bias is false: any of "q", "k", "v", "o" (attention), "up"
@@ -740,6 +745,9 @@ def validate(cfg: Config) -> None:
     if m.attention_impl in ("jax_nn", "cudnn") and m.attn_softcap:
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} (jax.nn.dot_product_attention) has no logit "
                           "softcap, and model.attn_softcap is set; use model.attention_impl=causal_blocks, xla or chunked")
+    if m.canon_impl == "cpu_kernel" and m.canon and m.dtype != "float32":
+        raise ConfigError(f"model.canon_impl='cpu_kernel' computes in float32 and model.dtype={m.dtype!r}; "
+                          "use model.canon_impl=auto (xla where the kernel does not apply)")
     if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
         raise ConfigError(f"model.attention_impl='cudnn' (flash attention) computes in half precision; set "
                           f"model.dtype=bfloat16 (now {m.dtype!r}) or use model.attention_impl=auto")

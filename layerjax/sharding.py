@@ -182,6 +182,13 @@ def with_activation_sharding(fn, mesh: Mesh, rules: dict):
     return wrapped
 
 
+def devices_in_play() -> int:
+    """How many devices a traced computation spans: the active mesh's size inside
+    `activation_sharding` (the train and eval steps), else every device of the process."""
+    active = _ACTIVE.get()
+    return active[0].size if active is not None else jax.device_count()
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str, ...]) -> jax.Array:
     """A sharding constraint by logical names; a no-op outside `activation_sharding` (eager
     use, generation), and dimensions the devices do not divide stay replicated."""

@@ -6,6 +6,10 @@ sequence that mixes each token with its K-1 predecessors,
 with the residual term h_t switchable, and an optional bias and SiLU on the convolution. A token
 never mixes with tokens of another document in a packed row (segment ids). During decoding the
 layer keeps the last K-1 inputs as its state, so one token at a time equals the full forward.
+
+model.canon_impl picks the computation of full sequences: the shifted adds below ("xla"), or
+one-pass C++ kernels on a one-device CPU computation ("cpu_kernel", canon_kernel.py), whose
+backward pass reads each array once where XLA:CPU's reads them about eight times.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layerjax.layers import canon_kernel
+
 
 class Canon(nnx.Module):
     def __init__(self, dim: int, kernel: int, *, residual: bool, use_bias: bool, activation: bool,
-                 axis_name: str | None, rngs: nnx.Rngs, trainable: bool = True):
+                 axis_name: str | None, rngs: nnx.Rngs, trainable: bool = True, impl: str = "auto"):
         self.kernel, self.residual, self.activation = kernel, residual, activation
+        self.impl = impl  # model.canon_impl: "xla", "cpu_kernel" or "auto"
         # Frozen canon weights (the paper's random-canon ablation) get no gradient here, and the
         # optimizer leaves them untouched (train.optimizer: frozen parameter kinds).
         self.trainable = trainable
@@ -31,12 +38,14 @@ class Canon(nnx.Module):
     def __call__(self, h_BxLxC: jax.Array, segment_ids_BxL: jax.Array | None = None,
                  state_BxSxC: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """Returns (output, new state). state: the previous K-1 inputs (decoding), else None."""
+        fixed = (lambda a: a) if self.trainable else jax.lax.stop_gradient
+        if state_BxSxC is None and self._use_kernel(h_BxLxC):
+            return self._kernel_forward(h_BxLxC, segment_ids_BxL, fixed), None
         k, length = self.kernel, h_BxLxC.shape[1]
         if state_BxSxC is not None:
             padded = jnp.concatenate([state_BxSxC.astype(h_BxLxC.dtype), h_BxLxC], axis=1)
         else:
             padded = jnp.pad(h_BxLxC, ((0, 0), (k - 1, 0), (0, 0)))
-        fixed = (lambda a: a) if self.trainable else jax.lax.stop_gradient
         w = fixed(self.weight[...]).astype(h_BxLxC.dtype)
         if segment_ids_BxL is not None and state_BxSxC is None:
             seg_padded = jnp.pad(segment_ids_BxL, ((0, 0), (k - 1, 0)), constant_values=-1)
@@ -55,6 +64,27 @@ class Canon(nnx.Module):
         new_state = padded[:, padded.shape[1] - (k - 1):] if state_BxSxC is not None else None
         return out, new_state
 
+    def _use_kernel(self, h_BxLxC: jax.Array) -> bool:
+        """Whether this call runs the one-pass CPU kernel (decoding steps never do: one token)."""
+        if self.impl == "xla":
+            return False
+        reason = canon_kernel.blocker(h_BxLxC, self.kernel)
+        if reason is not None and self.impl == "cpu_kernel":
+            raise ValueError(f"model.canon_impl='cpu_kernel' cannot run here: {reason}; "
+                             "use model.canon_impl=auto (the kernel where it runs, else xla)")
+        return reason is None
+
+    def _kernel_forward(self, h_BxLxC, segment_ids_BxL, fixed) -> jax.Array:
+        w = fixed(self.weight[...]).astype(h_BxLxC.dtype)
+        # The kernel adds the residual itself unless a SiLU comes between it and the convolution.
+        fuse_residual = self.residual and not self.activation
+        conv = canon_kernel.causal_conv(h_BxLxC, w, segment_ids_BxL, fuse_residual)
+        if self.bias is not None:
+            conv = conv + fixed(self.bias[...]).astype(conv.dtype)
+        if self.activation:
+            conv = jax.nn.silu(conv)
+        return h_BxLxC + conv if self.residual and not fuse_residual else conv
+
 
 def canon_widths(m) -> dict[str, int]:
     """Channels at each canon position for a model config (m: ModelConfig)."""
@@ -68,4 +98,5 @@ def canon_widths(m) -> dict[str, int]:
 def make_canon(m, dim: int, axis_name: str | None, rngs: nnx.Rngs) -> Canon:
     """A canon layer of width `dim` with the model config's canon settings."""
     return Canon(dim, m.canon_kernel, residual=m.canon_residual, use_bias=m.canon_bias,
-                 activation=m.canon_activation, axis_name=axis_name, rngs=rngs, trainable=m.canon_trainable)
+                 activation=m.canon_activation, axis_name=axis_name, rngs=rngs, trainable=m.canon_trainable,
+                 impl=m.canon_impl)
