@@ -112,6 +112,9 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler++")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler\\+\\+' on PATH"):
         canon_kernel._build()
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails, with and without -march=native
+    with pytest.raises(RuntimeError, match="false -O3 .*canon_cpu.cc failed"):
+        canon_kernel._build()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
     monkeypatch.setattr(canon_kernel, "_load", lambda: "RuntimeError: no C++ compiler")
     _, auto = layer_pair(8, 4)

@@ -66,11 +66,16 @@ def _build() -> Path:
     # never load a half-written library.
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", "-o", str(partial), str(SOURCE)]
+    base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+            "-o", str(partial), str(SOURCE)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
+        # -march=native vectorises for this CPU; some compilers (Apple clang on arm64) refuse it,
+        # and the portable build is the fallback.
+        for command in (base[:2] + ["-march=native"] + base[2:], base):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
         os.replace(partial, library)
     finally:
