@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.qk_norm_scope": ("head", "full"),
     # Attention kernels (README "Attention implementations"; layerjax/layers/attention_kernels.py).
-    "model.attention_impl": ("auto", "xla", "causal_blocks", "jax_nn", "cudnn", "chunked"),
+    "model.attention_impl": ("auto", "xla", "causal_blocks", "jax_nn", "cudnn", "chunked", "cpu_kernel"),
     "model.canon_impl": ("auto", "xla", "cpu_kernel"),
     # Tuple settings: every entry must be one of these.
     "model.window_pattern": ("local", "global"),
@@ -149,8 +149,11 @@ class ModelConfig:
     # formulation (the reference); "causal_blocks" the same per block of queries, skipping the keys
     # after each block (the upper triangle); "jax_nn" jax.nn.dot_product_attention's XLA
     # implementation; "cudnn" its cuDNN flash attention (NVIDIA GPU and dtype bfloat16); "chunked"
-    # blockwise with an online softmax, memory linear in the sequence length; "auto" cudnn where it
-    # runs, else causal_blocks. jax_nn and cudnn have no attn_softcap. One-token decoding steps run xla.
+    # blockwise with an online softmax, memory linear in the sequence length; "cpu_kernel" C++
+    # kernels through XLA's FFI, compiled on first use (float32, head dim a multiple of 16; on a
+    # computation of several devices, or without a C++ compiler, it runs causal_blocks); "auto"
+    # cudnn where it runs, cpu_kernel on CPU where it applies, else causal_blocks. jax_nn and
+    # cudnn have no attn_softcap. One-token decoding steps run xla.
     attention_impl: str = "auto"
     attention_chunk: int = 512  # attention_impl=chunked: queries (and keys) per block of scores
     # attention_impl=causal_blocks: queries per block (more when a row would have over 4 blocks)
@@ -745,6 +748,9 @@ def validate(cfg: Config) -> None:
     if m.attention_impl in ("jax_nn", "cudnn") and m.attn_softcap:
         raise ConfigError(f"model.attention_impl={m.attention_impl!r} (jax.nn.dot_product_attention) has no logit "
                           "softcap, and model.attn_softcap is set; use model.attention_impl=causal_blocks, xla or chunked")
+    if m.attention_impl == "cpu_kernel" and (m.dtype != "float32" or head_dim(m) % 16):
+        raise ConfigError(f"model.attention_impl='cpu_kernel' computes in float32 with a head dim that is a multiple "
+                          f"of 16 (model.dtype={m.dtype!r}, head dim {head_dim(m)}); use model.attention_impl=auto")
     if m.canon_impl == "cpu_kernel" and m.canon and m.dtype != "float32":
         raise ConfigError(f"model.canon_impl='cpu_kernel' computes in float32 and model.dtype={m.dtype!r}; "
                           "use model.canon_impl=auto (xla where the kernel does not apply)")

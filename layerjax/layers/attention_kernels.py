@@ -14,6 +14,8 @@ by a group of G = H / N query heads) and returns [B, H, L, K]. Which keys a quer
   never computed; the default off cuDNN (about half the time of "xla" on CPU).
 - "chunked", `chunked_attention`: blockwise over query and key chunks with an online softmax, so
   memory grows linearly with the sequence length instead of quadratically.
+- "cpu_kernel", `attention_cpu.cpu_attention`: C++ forward and backward through XLA's FFI, on one
+  CPU device in float32 (else causal_blocks); keeps only the output and the softmax statistics.
 """
 
 from typing import NamedTuple
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from layerjax.config import ConfigError, ModelConfig, head_dim as model_head_dim
+from layerjax.layers import attention_cpu
 
 # What a masked logit becomes: finite, so a query row that sees no key in a block stays NaN-free.
 MASKED = float(jnp.finfo(jnp.float32).min)
@@ -201,11 +204,17 @@ def _blocks(tree, axis: int, size: int):
 def attend(impl: str, q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, queries: TokenCoords, keys: TokenCoords,
            window: jax.Array | None, *, self_attention: bool, scale: float = 0.0, logit_cap: float = 0.0,
            chunk: int = 512, block: int = 128) -> jax.Array:
-    """Attention by the kernel `impl`: "xla", "causal_blocks", "jax_nn", "cudnn" or "chunked".
+    """Attention by the kernel `impl`: "xla", "causal_blocks", "jax_nn", "cudnn", "chunked" or "cpu_kernel".
     self_attention: the keys are the queries' own tokens, in order (training, scoring), so
     causality is the lower triangle; False when the keys are a decoding cache's slots, where
     causal_blocks has no triangle to skip and runs the reference. chunk: chunked's block of
     queries and keys; block: causal_blocks' block of queries."""
+    if impl == "cpu_kernel":
+        if attention_cpu.blocker(q_BxHxLxK, self_attention) is None:
+            scale = scale or q_BxHxLxK.shape[-1] ** -0.5
+            return attention_cpu.cpu_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, visible(queries, keys, window),
+                                               scale, logit_cap)
+        impl = "causal_blocks"  # several devices, a decoding step, no compiler: the same function
     if impl == "chunked":
         return chunked_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, queries, keys, window, scale=scale,
                                  logit_cap=logit_cap, chunk=chunk)
@@ -229,8 +238,10 @@ def on_nvidia_gpu() -> bool:
 
 def resolve_attention_impl(m: ModelConfig) -> str:
     """model.attention_impl as a kernel name: "auto" is cuDNN where it runs (an NVIDIA GPU,
-    bfloat16, no softcap, a head dim it supports), else "causal_blocks", which skips the blocks
-    above the causal diagonal (README "Attention implementations").
+    bfloat16, no softcap, a head dim it supports), the CPU kernel on CPU in float32 with a head dim
+    that is a multiple of 16 (it falls back to causal_blocks where the step spans several devices),
+    else "causal_blocks", which skips the blocks above the causal diagonal (README "Attention
+    implementations").
     Raises ConfigError for "cudnn" off an NVIDIA GPU (config.validate checks its dtype and softcap)."""
     if m.attention_impl == "cudnn" and not on_nvidia_gpu():
         raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
@@ -239,4 +250,7 @@ def resolve_attention_impl(m: ModelConfig) -> str:
         return m.attention_impl
     cudnn_runs = (m.dtype == "bfloat16" and not m.attn_softcap and model_head_dim(m) % 8 == 0
                   and model_head_dim(m) <= 128 and on_nvidia_gpu())
-    return "cudnn" if cudnn_runs else "causal_blocks"
+    if cudnn_runs:
+        return "cudnn"
+    cpu_kernel_runs = jax.devices()[0].platform == "cpu" and m.dtype == "float32" and model_head_dim(m) % 16 == 0
+    return "cpu_kernel" if cpu_kernel_runs else "causal_blocks"

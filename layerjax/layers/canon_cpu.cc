@@ -1,5 +1,5 @@
 // One-pass CPU kernels for the canon layer's causal depthwise convolution (layerjax/layers/canon.py),
-// called from JAX through XLA's FFI (layerjax/layers/canon_kernel.py builds and registers them).
+// called from JAX through XLA's FFI (layerjax/layers/cpu_kernels.py builds and registers them, canon_kernel.py calls them).
 //
 // Why a kernel: written in JAX, the backward pass of a canon layer is an input gradient plus K
 // weight-gradient reductions over batch and length, and XLA:CPU cannot fuse a reduction with the
@@ -19,13 +19,11 @@
 // threads ran or which chunk ran where (resumed runs stay bit-identical).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,35 +50,6 @@ Shape RowShape(ffi::Buffer<ffi::F32>& h) {
 
 int64_t NumChunks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, rows / kMinRowsPerChunk));
-}
-
-// Runs body(chunk) for chunk in [0, chunks) on the caller and on XLA's intra-op threads. The
-// caller claims chunks too and only waits for chunks that another thread has claimed and is
-// running, so it never waits on a task that XLA has not started (no deadlock when every pool
-// thread is busy with other work); a task that starts late finds nothing left and returns.
-template <typename Body>
-void ParallelChunks(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, chunks, &body]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      body(c);
-      state->finished.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    // The task owns a reference to the counters only; it touches the buffers (through body) only
-    // for a chunk it claimed, and the caller waits for every claimed chunk before returning.
-    pool.Schedule([state, chunks, work]() mutable {
-      if (state->next.load() < chunks) work();
-    });
-  }
-  work();
-  while (state->finished.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 // Which taps of row r are live: tap i needs t - i >= 0 and (segments) the same document.
@@ -168,7 +137,7 @@ ffi::Error CanonForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buff
   const int32_t* sp = has_seg ? seg.typed_data() : nullptr;
   float* yp = y->typed_data();
   const int64_t chunks = NumChunks(rows);
-  ParallelChunks(pool, chunks, [&](int64_t chunk) {
+  layerjax::ParallelTasks(pool, chunks, [&](int64_t chunk) {
     const int64_t r0 = rows * chunk / chunks, r1 = rows * (chunk + 1) / chunks;
     int64_t live_taps[kMaxTaps];
     const float* weight[kMaxTaps];
@@ -199,7 +168,7 @@ ffi::Error CanonBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
   float* dhp = dh->typed_data();
   const int64_t chunks = NumChunks(rows);
   std::vector<float> partial(chunks * taps * channels, 0.0f);
-  ParallelChunks(pool, chunks, [&](int64_t chunk) {
+  layerjax::ParallelTasks(pool, chunks, [&](int64_t chunk) {
     const int64_t r0 = rows * chunk / chunks, r1 = rows * (chunk + 1) / chunks;
     float* dw_chunk = partial.data() + chunk * taps * channels;
     int64_t live_taps[kMaxTaps];

@@ -11,6 +11,7 @@ from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
 from layerjax.layers.adapters import pool_router_stats
 from layerjax.layers.attention import Context, KVCache
+from layerjax.layers import attention_cpu
 from layerjax.layers.attention_kernels import resolve_attention_impl, softcap
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
@@ -23,14 +24,19 @@ from layerjax.sharding import constrain
 # activation sharding on (layerjax.sharding.activation_sharding); a no-op otherwise.
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 
+# The CPU attention kernel's output and softmax statistics (not matmuls, so the dot policies
+# would drop them): kept, or the backward pass would rerun the kernel's forward.
+_keep_cpu_attention = jax.checkpoint_policies.save_only_these_names(*attention_cpu.SAVED_NAMES)
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     # keep the outputs of weight matmuls, recompute attention scores and elementwise ops
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_matmuls": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _keep_cpu_attention),
     # keep every matmul's output, attention's scores and weighted values too: the backward pass
     # recomputes only elementwise work (the softmax's exp among it). Scores cost [heads, keys] per
     # token and layer; the chunked kernel's own checkpoints still keep none.
-    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, _keep_cpu_attention),
 }
 
 

@@ -97,7 +97,7 @@ def estimate_memory(cfg: Config, device_count: int | None = None) -> MemoryEstim
         params=params // width_split,
         grads=(1 + accumulator) * trainable_bytes // width_split,
         optimizer=ADAM_MOMENTS * trainable_bytes // width_split,
-        activations=_activation_bytes(cfg, _split(rules, sizes, "batch"), _split(rules, sizes, "heads")),
+        activations=_activation_bytes(cfg, _split(rules, sizes, "batch"), _split(rules, sizes, "heads"), count),
         devices_per_host=min(count, jax.local_device_count()),
     )
 
@@ -118,7 +118,7 @@ def remat_ignored(m: ModelConfig, platform: str | None = None) -> bool:
     return not m.scan_layers and (platform or jax.devices()[0].platform) == "cpu"
 
 
-def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
+def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int, devices: int) -> int:
     """What the backward pass keeps for one microbatch on one device: per layer, the tensors a
     pre-norm block saves (model.remat=none), only the matmul outputs (save_matmuls; save_dots
     adds attention's), or only the layer input plus one layer recomputed at a time (full); and
@@ -136,17 +136,21 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int) -> int:
     # The chunked kernel keeps one [heads, chunk] block of scores per query at a time, not [heads,
     # seq]; causal_blocks keeps the keys up to each query's block end, on average
     # `causal_block_keys`; cuDNN's flash attention keeps only each query's softmax statistics
-    # (float32 per head).
+    # (float32 per head), as does the CPU kernel, which runs causal_blocks on several devices.
     impl = resolve_attention_impl(m) if m.attention_impl == "auto" else m.attention_impl
-    keys_per_query = {"chunked": min(seq, m.attention_chunk), "cudnn": 0,
+    if impl == "cpu_kernel" and devices > 1:
+        impl = "causal_blocks"
+    keys_per_query = {"chunked": min(seq, m.attention_chunk), "cudnn": 0, "cpu_kernel": 0,
                       "causal_blocks": causal_block_keys(seq, m.attention_block)}.get(impl, seq)
-    score_bytes = 4 if impl == "cudnn" else keys_per_query * (4 + itemsize)
+    score_bytes = 4 if impl in ("cudnn", "cpu_kernel") else keys_per_query * (4 + itemsize)
     whole_layer += m.num_heads / tensor_split * score_bytes
     # save_matmuls keeps only the outputs of the weight matmuls (q, k, v, o, the MLP's up/gate, down).
     matmul_outputs = (2 * d + (q + 2 * kv + (2 if gated else 1) * ff) / tensor_split) * itemsize
     # save_dots adds attention's float32 scores and its weighted values (compute dtype), where they
-    # are matmuls of the layer (the chunked kernel recomputes its own; cuDNN's are inside its kernel).
-    attention_dots = 0 if impl in ("chunked", "cudnn") else (m.num_heads * keys_per_query * 4 + q * itemsize) / tensor_split
+    # are matmuls of the layer (the chunked kernel recomputes its own; cuDNN's are inside its
+    # kernel); the CPU kernel keeps its output and one float32 statistic per head instead.
+    attention_dots = 0 if impl in ("chunked", "cudnn") else \
+        (m.num_heads * max(keys_per_query, 1) * 4 + q * itemsize) / tensor_split
     saved = {"none": m.num_layers * whole_layer,
              "save_matmuls": m.num_layers * matmul_outputs + whole_layer,
              "save_dots": m.num_layers * (matmul_outputs + attention_dots) + whole_layer,

@@ -1,0 +1,383 @@
+// Attention on the CPU, softmax(scale * q k^T) v over the keys a mask shows, forward and backward,
+// called from JAX through XLA's FFI (cpu_kernels.py builds and registers it, attention_cpu.py
+// calls it; model.attention_impl=cpu_kernel).
+//
+// Why: XLA:CPU runs attention's small batched matmuls ([heads, 256, 64] x [heads, 64, 256] at
+// bench_cpu) at 16-50 GFLOP/s, about half of its rate on the weight matmuls, and materialises the
+// whole score matrix. Here each (batch, head) walks its queries four rows at a time: the rows'
+// scores against every key they may see (register-tiled AVX2 FMAs against a transposed copy of
+// K), a masked softmax in registers, and the rows' output, so scores never leave the cache and
+// keys past a row's last visible one are never touched (the causal upper triangle is skipped).
+// The forward keeps each row's log-sum-exp; the backward recomputes the probabilities from it and
+// accumulates dK and dV per kv head, one kv head per task (no two threads write the same rows).
+//
+// Layouts: q, o, dout, dq [B, H, L, D]; k, v, dk, dv [B, N, S, D] with H a multiple of N (grouped
+// queries); mask uint8 [B, L, S16], nonzero where a query sees a key, S16 = S rounded up to 16 with
+// zero padding; lse [B, H, L]. D a multiple of 16. Every query row must see at least one key
+// (true of self-attention: a token sees itself). logit_cap > 0: scaled logits become
+// cap * tanh(logits / cap) before the mask, as in the JAX forms.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kRows = 4;   // query rows per tile
+constexpr int kCols = 16;  // keys per score tile, channels per output tile
+
+inline __m256 Exp256(__m256 x) {  // x <= 0
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float Sum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+inline float Max256(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 mask bytes -> all-ones lanes where nonzero
+inline __m256 MaskLanes(const uint8_t* m) {
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
+}
+
+// out[r][j] = sum_d a[r][d] * bt[d][j]; r < 4, j < cols (multiple of 16, bt zero-padded).
+void ScoresTile(const float* a, int64_t dim, const float* bt, int64_t bt_stride, int64_t cols, float* out,
+                int64_t out_stride) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kCols) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    const float* b = bt + j0;
+    for (int64_t d = 0; d < dim; ++d, b += bt_stride) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      __m256 x = _mm256_broadcast_ss(a + d);
+      c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a + dim + d);
+      c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a + 2 * dim + d);
+      c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a + 3 * dim + d);
+      c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+    }
+    float* o = out + j0;
+    _mm256_storeu_ps(o, c00); _mm256_storeu_ps(o + 8, c01); o += out_stride;
+    _mm256_storeu_ps(o, c10); _mm256_storeu_ps(o + 8, c11); o += out_stride;
+    _mm256_storeu_ps(o, c20); _mm256_storeu_ps(o + 8, c21); o += out_stride;
+    _mm256_storeu_ps(o, c30); _mm256_storeu_ps(o + 8, c31);
+  }
+}
+
+// out[r][d] = sum_j p[r][j] * v[j][d]; r < 4, d < dim (multiple of 16).
+void MixTile(const float* p, int64_t p_stride, int64_t keys, const float* v, int64_t dim, float* out) {
+  for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    const float* vj = v + d0;
+    for (int64_t j = 0; j < keys; ++j, vj += dim) {
+      const __m256 b0 = _mm256_loadu_ps(vj), b1 = _mm256_loadu_ps(vj + 8);
+      __m256 x = _mm256_broadcast_ss(p + j);
+      c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(p + p_stride + j);
+      c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(p + 2 * p_stride + j);
+      c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(p + 3 * p_stride + j);
+      c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+    }
+    float* o = out + d0;
+    _mm256_storeu_ps(o, c00); _mm256_storeu_ps(o + 8, c01); o += dim;
+    _mm256_storeu_ps(o, c10); _mm256_storeu_ps(o + 8, c11); o += dim;
+    _mm256_storeu_ps(o, c20); _mm256_storeu_ps(o + 8, c21); o += dim;
+    _mm256_storeu_ps(o, c30); _mm256_storeu_ps(o + 8, c31);
+  }
+}
+
+// acc[j][d] += sum_r p[r][j] * x[r][d]; r < 4.
+void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc) {
+  for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
+    const __m256 x00 = _mm256_loadu_ps(x + d0), x01 = _mm256_loadu_ps(x + d0 + 8);
+    const __m256 x10 = _mm256_loadu_ps(x + dim + d0), x11 = _mm256_loadu_ps(x + dim + d0 + 8);
+    const __m256 x20 = _mm256_loadu_ps(x + 2 * dim + d0), x21 = _mm256_loadu_ps(x + 2 * dim + d0 + 8);
+    const __m256 x30 = _mm256_loadu_ps(x + 3 * dim + d0), x31 = _mm256_loadu_ps(x + 3 * dim + d0 + 8);
+    float* a = acc + d0;
+    for (int64_t j = 0; j < keys; ++j, a += dim) {
+      __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
+      __m256 w = _mm256_broadcast_ss(p + j);
+      a0 = _mm256_fmadd_ps(w, x00, a0); a1 = _mm256_fmadd_ps(w, x01, a1);
+      w = _mm256_broadcast_ss(p + p_stride + j);
+      a0 = _mm256_fmadd_ps(w, x10, a0); a1 = _mm256_fmadd_ps(w, x11, a1);
+      w = _mm256_broadcast_ss(p + 2 * p_stride + j);
+      a0 = _mm256_fmadd_ps(w, x20, a0); a1 = _mm256_fmadd_ps(w, x21, a1);
+      w = _mm256_broadcast_ss(p + 3 * p_stride + j);
+      a0 = _mm256_fmadd_ps(w, x30, a0); a1 = _mm256_fmadd_ps(w, x31, a1);
+      _mm256_storeu_ps(a, a0); _mm256_storeu_ps(a + 8, a1);
+    }
+  }
+}
+
+struct Dims {
+  int64_t batch, heads, length, dim, kv_heads, keys, group, stride;
+};
+
+// The layouts the kernels index by (attention_cpu.py prepares them); anything else is refused
+// before a byte is read.
+ffi::Error CheckShapes(const Dims& s, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                       ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::U8>& mask) {
+  auto kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  const bool ok = q.dimensions().size() == 4 && kd.size() == 4 && vd.size() == 4 && md.size() == 3 &&
+                  kd[0] == s.batch && kd[3] == s.dim && s.heads % s.kv_heads == 0 && s.dim % kCols == 0 &&
+                  vd[0] == kd[0] && vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[3] &&
+                  md[0] == s.batch && md[1] == s.length && md[2] == s.stride;
+  return ok ? ffi::Error::Success()
+            : ffi::Error::InvalidArgument("layerjax attention kernel: q [B,H,L,D], k and v [B,N,S,D] with N "
+                                          "dividing H and D a multiple of 16, mask uint8 [B,L,S rounded to 16]");
+}
+
+// Visible keys of a tile: [0, end) covers every visible key of its rows.
+int64_t TileEnd(const uint8_t* mask, int64_t i0, int rows, int64_t keys) {
+  int64_t end = 0;
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* m = mask + (i0 + r) * keys;
+    int64_t last = keys;
+    while (last > end && !m[last - 1]) --last;
+    end = std::max(end, last);
+  }
+  return end;
+}
+
+void Transpose(const float* x, int64_t keys, int64_t dim, int64_t stride, float* xt) {
+  std::fill(xt, xt + dim * stride, 0.0f);
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t d = 0; d < dim; ++d) xt[d * stride + j] = x[j * dim + d];
+}
+
+// Probabilities of one row in place: s holds raw q.k for [0, end_pad); returns lse (forward) or
+// uses the given lse (backward, normalise=false).
+float SoftmaxRow(float* s, const uint8_t* m, int64_t end, int64_t end_pad, float scale, float cap, bool forward,
+                 float lse) {
+  const __m256 vscale = _mm256_set1_ps(scale), neg = _mm256_set1_ps(-INFINITY);
+  if (cap > 0) {
+    for (int64_t j = 0; j < end; ++j) s[j] = cap * std::tanh(s[j] * scale / cap);
+  } else {
+    for (int64_t j = 0; j < end_pad; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), vscale));
+  }
+  // mask bytes beyond `end` are read only up to end_pad <= keys rounded; caller pads mask rows.
+  float mx;
+  if (forward) {
+    __m256 vmax = neg;
+    for (int64_t j = 0; j < end_pad; j += 8)
+      vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(neg, _mm256_loadu_ps(s + j), MaskLanes(m + j)));
+    mx = Max256(vmax);
+    if (mx == -INFINITY) mx = 0.0f;
+  } else {
+    mx = lse;
+  }
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < end_pad; j += 8) {
+    const __m256 x = _mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx), _mm256_setzero_ps());
+    const __m256 e = _mm256_and_ps(Exp256(x), MaskLanes(m + j));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  if (!forward) return lse;
+  const float sum = Sum256(vsum);
+  const __m256 inv = _mm256_set1_ps(sum > 0 ? 1.0f / sum : 0.0f);
+  for (int64_t j = 0; j < end_pad; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+  return mx + std::log(sum);
+}
+
+ffi::Error AttnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse, float scale, float cap) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  Dims s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[1] / kd[1], (kd[2] + kCols - 1) / kCols * kCols};
+  if (ffi::Error error = CheckShapes(s, q, k, v, mask); error.failure()) return error;
+  const int64_t mstride = s.stride;
+  layerjax::ParallelTasks(pool, s.batch * s.heads, [&](int64_t task) {
+    const int64_t b = task / s.heads, h = task % s.heads, n = h / s.group;
+    const float* qh = q.typed_data() + task * s.length * s.dim;
+    const float* kh = k.typed_data() + (b * s.kv_heads + n) * s.keys * s.dim;
+    const float* vh = v.typed_data() + (b * s.kv_heads + n) * s.keys * s.dim;
+    const uint8_t* mb = mask.typed_data() + b * s.length * mstride;
+    float* oh = out->typed_data() + task * s.length * s.dim;
+    float* lh = lse->typed_data() + task * s.length;
+    std::vector<float> kt(s.dim * s.stride), scores(kRows * s.stride), qtile(kRows * s.dim), otile(kRows * s.dim);
+    Transpose(kh, s.keys, s.dim, s.stride, kt.data());
+    for (int64_t i0 = 0; i0 < s.length; i0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, s.length - i0));
+      const int64_t end = TileEnd(mb, i0, rows, mstride);
+      const int64_t end_pad = (end + kCols - 1) / kCols * kCols;
+      std::fill(qtile.begin(), qtile.end(), 0.0f);
+      std::memcpy(qtile.data(), qh + i0 * s.dim, rows * s.dim * sizeof(float));
+      ScoresTile(qtile.data(), s.dim, kt.data(), s.stride, end_pad, scores.data(), s.stride);
+      for (int r = 0; r < kRows; ++r) {
+        float* row = scores.data() + r * s.stride;
+        if (r >= rows) { std::fill(row, row + end_pad, 0.0f); continue; }
+        lh[i0 + r] = SoftmaxRow(row, mb + (i0 + r) * mstride, end, end_pad, scale, cap, true, 0.0f);
+      }
+      MixTile(scores.data(), s.stride, end, vh, s.dim, otile.data());
+      std::memcpy(oh + i0 * s.dim, otile.data(), rows * s.dim * sizeof(float));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> o,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale, float cap) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  Dims s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[1] / kd[1], (kd[2] + kCols - 1) / kCols * kCols};
+  if (ffi::Error error = CheckShapes(s, q, k, v, mask); error.failure()) return error;
+  const int64_t mstride = s.stride;
+  layerjax::ParallelTasks(pool, s.batch * s.kv_heads, [&](int64_t task) {
+    const int64_t b = task / s.kv_heads;
+    const float* kh = k.typed_data() + task * s.keys * s.dim;
+    const float* vh = v.typed_data() + task * s.keys * s.dim;
+    float* dkh = dk->typed_data() + task * s.keys * s.dim;
+    float* dvh = dv->typed_data() + task * s.keys * s.dim;
+    std::fill(dkh, dkh + s.keys * s.dim, 0.0f);
+    std::fill(dvh, dvh + s.keys * s.dim, 0.0f);
+    const uint8_t* mb = mask.typed_data() + b * s.length * mstride;
+    std::vector<float> kt(s.dim * s.stride), vt(s.dim * s.stride), p(kRows * s.stride), ds(kRows * s.stride),
+        qtile(kRows * s.dim), dotile(kRows * s.dim), dqtile(kRows * s.dim);
+    Transpose(kh, s.keys, s.dim, s.stride, kt.data());
+    Transpose(vh, s.keys, s.dim, s.stride, vt.data());
+    for (int64_t g = 0; g < s.group; ++g) {
+      const int64_t head = b * s.heads + (task % s.kv_heads) * s.group + g;
+      const float* qh = q.typed_data() + head * s.length * s.dim;
+      const float* oh = o.typed_data() + head * s.length * s.dim;
+      const float* doh = dout.typed_data() + head * s.length * s.dim;
+      const float* lh = lse.typed_data() + head * s.length;
+      float* dqh = dq->typed_data() + head * s.length * s.dim;
+      for (int64_t i0 = 0; i0 < s.length; i0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, s.length - i0));
+        const int64_t end = TileEnd(mb, i0, rows, mstride);
+        const int64_t end_pad = (end + kCols - 1) / kCols * kCols;
+        std::fill(qtile.begin(), qtile.end(), 0.0f);
+        std::fill(dotile.begin(), dotile.end(), 0.0f);
+        std::memcpy(qtile.data(), qh + i0 * s.dim, rows * s.dim * sizeof(float));
+        std::memcpy(dotile.data(), doh + i0 * s.dim, rows * s.dim * sizeof(float));
+        ScoresTile(qtile.data(), s.dim, kt.data(), s.stride, end_pad, p.data(), s.stride);
+        ScoresTile(dotile.data(), s.dim, vt.data(), s.stride, end_pad, ds.data(), s.stride);
+        for (int r = 0; r < kRows; ++r) {
+          float* prow = p.data() + r * s.stride;
+          float* drow = ds.data() + r * s.stride;
+          if (r >= rows) { std::fill(prow, prow + end_pad, 0.0f); std::fill(drow, drow + end_pad, 0.0f); continue; }
+          const uint8_t* m = mb + (i0 + r) * mstride;
+          std::vector<float> capped;
+          if (cap > 0) {
+            capped.resize(end);
+            for (int64_t j = 0; j < end; ++j) capped[j] = cap * std::tanh(prow[j] * scale / cap);
+          }
+          SoftmaxRow(prow, m, end, end_pad, scale, cap, false, lh[i0 + r]);
+          float delta = 0.0f;
+          for (int64_t d = 0; d < s.dim; ++d) delta += dotile[r * s.dim + d] * oh[(i0 + r) * s.dim + d];
+          const __m256 vdelta = _mm256_set1_ps(delta), vscale = _mm256_set1_ps(scale);
+          if (cap > 0) {
+            for (int64_t j = 0; j < end; ++j) {
+              const float t = capped[j] / cap;
+              drow[j] = prow[j] * (drow[j] - delta) * (1.0f - t * t) * scale;
+            }
+            for (int64_t j = end; j < end_pad; ++j) drow[j] = 0.0f;
+          } else {
+            for (int64_t j = 0; j < end_pad; j += 8) {
+              const __m256 pv = _mm256_loadu_ps(prow + j);
+              _mm256_storeu_ps(drow + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(drow + j), vdelta)), vscale));
+            }
+          }
+        }
+        MixTile(ds.data(), s.stride, end, kh, s.dim, dqtile.data());
+        std::memcpy(dqh + i0 * s.dim, dqtile.data(), rows * s.dim * sizeof(float));
+        OuterTile(p.data(), s.stride, end, dotile.data(), s.dim, dvh);
+        OuterTile(ds.data(), s.stride, end, qtile.data(), s.dim, dkh);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int LayerjaxAttentionCompiled() { return 1; }
+
+#else  // no AVX2: the handlers exist (the library registers every target) but refuse to run
+
+namespace {
+
+ffi::Error AttnForward(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                       ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, float,
+                       float) {
+  return ffi::Error::Internal("layerjax attention kernel built without AVX2/FMA");
+}
+
+ffi::Error AttnBackward(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::U8>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>,
+                        ffi::ResultBuffer<ffi::F32>, float, float) {
+  return ffi::Error::Internal("layerjax attention kernel built without AVX2/FMA");
+}
+
+}  // namespace
+
+extern "C" int LayerjaxAttentionCompiled() { return 0; }
+
+#endif
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAttentionForward, AttnForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Attr<float>("scale")
+                                  .Attr<float>("logit_cap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAttentionBackward, AttnBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("logit_cap"));
