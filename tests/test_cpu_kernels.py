@@ -103,8 +103,6 @@ def test_auto_runs_the_kernels_in_a_one_device_step_only():
     calls = kernel_calls(step_hlo("mesh.num_devices=1"))
     assert calls["layerjax_attention_forward"] == calls["layerjax_attention_backward"] == 1
     assert calls["layerjax_canon_forward"] >= 4 and calls["layerjax_canon_backward"] == 4
-    assert kernel_calls(step_hlo("mesh.num_devices=1", "model.canon_impl=xla",
-                                 "model.attention_impl=causal_blocks")) == {}
     # Sharded over two devices the JAX forms run: XLA cannot split an opaque call.
     assert kernel_calls(step_hlo("mesh.num_devices=2")) == {}
 
@@ -168,8 +166,10 @@ def attention_value_and_grads(impl, q, k, v, weights, coords, window=None, **opt
     return out, grads
 
 
-ATTENTION_CASES = [dict(), dict(window=5), dict(logit_cap=2.0, scale=0.3), dict(packed=False, length=64, dim=32),
-                   dict(heads=3, kv_heads=3, length=9)]
+# Grouped queries (4 heads, 2 kv heads) over 37 tokens in three documents; with a window, a softcap
+# and an explicit scale; without documents at head dim 32 and equal head counts.
+ATTENTION_CASES = [dict(), dict(window=5, logit_cap=2.0, scale=0.3),
+                   dict(packed=False, length=64, dim=32, heads=3, kv_heads=3)]
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
