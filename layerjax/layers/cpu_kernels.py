@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -54,9 +55,8 @@ def _cache_dir() -> Path:
 
 def _build() -> Path:
     """Compiles the kernels into a shared library (once per sources, jaxlib and CPU) and returns it."""
-    import jaxlib
-
-    digest = hashlib.sha256(jaxlib.__version__.encode() + _cpu_flags().encode())
+    # jaxlib (jax's own dependency) ships the FFI headers; its version keys the build.
+    digest = hashlib.sha256(importlib.metadata.version("jaxlib").encode() + _cpu_flags().encode())
     for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     library = _cache_dir() / f"layerjax_cpu-{digest.hexdigest()[:16]}.so"
