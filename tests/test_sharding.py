@@ -107,26 +107,36 @@ def test_two_processes_equal_one_process(tmp_path):
                                rtol=2e-5)
 
 
-def test_two_process_training_run_logs_once_and_checkpoints(tmp_path):
-    run_dir = tmp_path / "run"
+def _two_process_run(run_dir, *extra):
+    """train.py as two processes (fsdp_tp over 2 x 4 CPU devices) into run_dir; their outputs."""
     coordinator = f"localhost:{_free_port()}"
     args = [*TINY_RUN, "train.steps=4", "train.log_every=2", "train.eval_every=2", "checkpoint.every=2",
             "mesh.num_devices=0", "mesh.rules=fsdp_tp", "mesh.shape.tensor=2", f"train.run_dir={run_dir}",
-            "model.num_heads=2", "model.num_kv_heads=2"]
-    launch = lambda *extra: _launch([[sys.executable, str(TESTS.parent / "train.py"), "--coordinator", coordinator,
-                                      "--num-processes", "2", "--process-id", str(i), *args, *extra] for i in range(2)])
-    outputs = launch()
+            "model.num_heads=2", "model.num_kv_heads=2", *extra]
+    return _launch([[sys.executable, str(TESTS.parent / "train.py"), "--coordinator", coordinator,
+                     "--num-processes", "2", "--process-id", str(i), *args] for i in range(2)])
+
+
+def _train_steps_logged(run_dir) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def test_two_process_training_run_logs_once_and_checkpoints(tmp_path):
+    outputs = _two_process_run(tmp_path / "run")
     assert "run summary" in outputs[0] and "run summary" not in outputs[1]
     assert "step 2: eval" in outputs[0] and "step 2: eval" not in outputs[1]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]  # written once, by process 0
-    data = json.loads(next((run_dir / "checkpoints" / "4" / "data").glob("*")).read_text())
+    assert _train_steps_logged(tmp_path / "run") == [2, 4]  # written once, by process 0
+    data = json.loads(next((tmp_path / "run" / "checkpoints" / "4" / "data").glob("*")).read_text())
     assert data["process_count"] == 2 and len(data["states"]) == 2  # each process's own data position
-    coordinator = f"localhost:{_free_port()}"
-    outputs = launch("train.steps=6", "--allow-config-change")  # both resume their state and data position
-    assert "resumed from step 4" in outputs[0]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
+
+
+@pytest.mark.slow  # two more process launches (~25 s); the run above checks what each process saves
+def test_two_process_training_run_resumes(tmp_path):
+    _two_process_run(tmp_path / "run")
+    outputs = _two_process_run(tmp_path / "run", "train.steps=6", "--allow-config-change")
+    assert "resumed from step 4" in outputs[0]  # both resume their state and data position
+    assert _train_steps_logged(tmp_path / "run") == [2, 4, 6]
 
 
 def test_checkpoint_restores_under_other_meshes(tmp_path):

@@ -137,7 +137,10 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             zeros = (jax.tree.map(jnp.zeros_like, trainable), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
             (grads, stats), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
         weight = jnp.maximum(stats["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / weight, grads)
+        # Each gradient keeps its parameter's dtype: a float32 weight would promote bfloat16
+        # gradients, and with them the AdamW moments, so the state's types would change after
+        # one step (a second compile, and float32 moments for bfloat16 parameters).
+        grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
         loss = stats["ce_sum"] / weight
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -146,7 +149,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         # A non-finite update never reaches the state; the loop then stops or goes on (config).
         # The step counter advances either way, so the schedule and the data stay in step.
-        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
         new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
                                   opt_state=keep_old(opt_state, state.opt_state))
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
