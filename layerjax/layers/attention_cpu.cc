@@ -11,10 +11,12 @@
 // The forward keeps each row's log-sum-exp; the backward recomputes the probabilities from it and
 // accumulates dK and dV per kv head, one kv head per task (no two threads write the same rows).
 //
-// Layouts: q, o, dout, dq [B, H, L, D]; k, v, dk, dv [B, N, S, D] with H a multiple of N (grouped
-// queries); mask uint8 [B, L, S16], nonzero where a query sees a key, S16 = S rounded up to 16 with
-// zero padding; lse [B, H, L]. D a multiple of 16. Every query row must see at least one key
-// (true of self-attention: a token sees itself). logit_cap > 0: scaled logits become
+// Layouts, token-major as the projections write them, so XLA copies nothing in or out:
+// qkv and dqkv [B, L, H + 2N, D], the H query heads, then the N key heads, then the N value heads
+// of each token (the q, k, v projection's output as is); o and dout [B, L, H, D] (the output
+// projection's input); H a multiple of N (grouped queries); mask uint8 [B, L, L16], nonzero where
+// a query sees a key, L16 = L rounded up to 16 with zero padding; lse [B, H, L]. D a multiple of
+// 16. Every query row must see at least one key (true of self-attention: a token sees itself). logit_cap > 0: scaled logits become
 // cap * tanh(logits / cap) before the mask, as in the JAX forms.
 
 #include <algorithm>
@@ -97,12 +99,13 @@ void ScoresTile(const float* a, int64_t dim, const float* bt, int64_t bt_stride,
   }
 }
 
-// out[r][d] = sum_j p[r][j] * v[j][d]; r < 4, d < dim (multiple of 16).
-void MixTile(const float* p, int64_t p_stride, int64_t keys, const float* v, int64_t dim, float* out) {
+// out[r][d] = sum_j p[r][j] * v[j][d]; r < 4, d < dim (multiple of 16); v's rows v_stride apart.
+void MixTile(const float* p, int64_t p_stride, int64_t keys, const float* v, int64_t v_stride, int64_t dim,
+             float* out) {
   for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     const float* vj = v + d0;
-    for (int64_t j = 0; j < keys; ++j, vj += dim) {
+    for (int64_t j = 0; j < keys; ++j, vj += v_stride) {
       const __m256 b0 = _mm256_loadu_ps(vj), b1 = _mm256_loadu_ps(vj + 8);
       __m256 x = _mm256_broadcast_ss(p + j);
       c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
@@ -121,15 +124,16 @@ void MixTile(const float* p, int64_t p_stride, int64_t keys, const float* v, int
   }
 }
 
-// acc[j][d] += sum_r p[r][j] * x[r][d]; r < 4.
-void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc) {
+// acc[j][d] += sum_r p[r][j] * x[r][d]; r < 4; acc's rows acc_stride apart.
+void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc,
+               int64_t acc_stride) {
   for (int64_t d0 = 0; d0 < dim; d0 += kCols) {
     const __m256 x00 = _mm256_loadu_ps(x + d0), x01 = _mm256_loadu_ps(x + d0 + 8);
     const __m256 x10 = _mm256_loadu_ps(x + dim + d0), x11 = _mm256_loadu_ps(x + dim + d0 + 8);
     const __m256 x20 = _mm256_loadu_ps(x + 2 * dim + d0), x21 = _mm256_loadu_ps(x + 2 * dim + d0 + 8);
     const __m256 x30 = _mm256_loadu_ps(x + 3 * dim + d0), x31 = _mm256_loadu_ps(x + 3 * dim + d0 + 8);
     float* a = acc + d0;
-    for (int64_t j = 0; j < keys; ++j, a += dim) {
+    for (int64_t j = 0; j < keys; ++j, a += acc_stride) {
       __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
       __m256 w = _mm256_broadcast_ss(p + j);
       a0 = _mm256_fmadd_ps(w, x00, a0); a1 = _mm256_fmadd_ps(w, x01, a1);
@@ -144,22 +148,43 @@ void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, i
   }
 }
 
+// batch, query heads, tokens (queries = keys), head dim, kv heads, query heads per kv head, keys
+// rounded up to 16 (the mask's and the score rows' stride), floats per token in qkv (row) and in o
+// (orow).
 struct Dims {
-  int64_t batch, heads, length, dim, kv_heads, keys, group, stride;
+  int64_t batch, heads, length, dim, kv_heads, group, stride, row, orow;
 };
 
-// The layouts the kernels index by (attention_cpu.py prepares them); anything else is refused
-// before a byte is read.
-ffi::Error CheckShapes(const Dims& s, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                       ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::U8>& mask) {
-  auto kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  const bool ok = q.dimensions().size() == 4 && kd.size() == 4 && vd.size() == 4 && md.size() == 3 &&
-                  kd[0] == s.batch && kd[3] == s.dim && s.heads % s.kv_heads == 0 && s.dim % kCols == 0 &&
-                  vd[0] == kd[0] && vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[3] &&
-                  md[0] == s.batch && md[1] == s.length && md[2] == s.stride;
+// The dims of qkv [B, L, H + 2N, D] and o (or dout) [B, L, H, D], checked against the mask's and
+// each other: anything the kernels do not index by is refused before a byte is read.
+ffi::Error ReadDims(ffi::Span<const int64_t> qkv, ffi::Span<const int64_t> o, ffi::Span<const int64_t> mask,
+                    Dims& s) {
+  const bool ranks = qkv.size() == 4 && o.size() == 4 && mask.size() == 3;
+  if (ranks) {
+    const int64_t heads = o[2], kv_heads = (qkv[2] - heads) / 2;
+    s = Dims{qkv[0], heads, qkv[1], qkv[3], kv_heads, kv_heads > 0 ? heads / kv_heads : 0,
+             (qkv[1] + kCols - 1) / kCols * kCols, qkv[2] * qkv[3], heads * qkv[3]};
+  }
+  const bool ok = ranks && s.kv_heads > 0 && s.heads + 2 * s.kv_heads == qkv[2] && s.heads % s.kv_heads == 0 &&
+                  s.dim % kCols == 0 && o[0] == s.batch && o[1] == s.length && o[3] == s.dim &&
+                  mask[0] == s.batch && mask[1] == s.length && mask[2] == s.stride;
   return ok ? ffi::Error::Success()
-            : ffi::Error::InvalidArgument("layerjax attention kernel: q [B,H,L,D], k and v [B,N,S,D] with N "
-                                          "dividing H and D a multiple of 16, mask uint8 [B,L,S rounded to 16]");
+            : ffi::Error::InvalidArgument("layerjax attention kernel: qkv [B,L,H+2N,D], o [B,L,H,D] with N "
+                                          "dividing H and D a multiple of 16, mask uint8 [B,L,L rounded to 16]");
+}
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// rows x dim floats, the source's rows src_stride apart, into a dense tile (zeros past `rows`).
+void LoadRows(const float* src, int64_t src_stride, int rows, int64_t dim, float* tile) {
+  std::fill(tile, tile + kRows * dim, 0.0f);
+  for (int r = 0; r < rows; ++r) std::memcpy(tile + r * dim, src + r * src_stride, dim * sizeof(float));
+}
+
+void StoreRows(const float* tile, int rows, int64_t dim, float* dst, int64_t dst_stride) {
+  for (int r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, tile + r * dim, dim * sizeof(float));
 }
 
 // Visible keys of a tile: [0, end) covers every visible key of its rows.
@@ -174,10 +199,11 @@ int64_t TileEnd(const uint8_t* mask, int64_t i0, int rows, int64_t keys) {
   return end;
 }
 
-void Transpose(const float* x, int64_t keys, int64_t dim, int64_t stride, float* xt) {
+// xt[d][j] = x[j][d] (x's rows x_stride apart), xt's rows `stride` long and zero past `keys`.
+void Transpose(const float* x, int64_t x_stride, int64_t keys, int64_t dim, int64_t stride, float* xt) {
   std::fill(xt, xt + dim * stride, 0.0f);
   for (int64_t j = 0; j < keys; ++j)
-    for (int64_t d = 0; d < dim; ++d) xt[d * stride + j] = x[j * dim + d];
+    for (int64_t d = 0; d < dim; ++d) xt[d * stride + j] = x[j * x_stride + d];
 }
 
 // Probabilities of one row in place: s holds raw q.k for [0, end_pad); returns lse (forward) or
@@ -216,78 +242,83 @@ float SoftmaxRow(float* s, const uint8_t* m, int64_t end, int64_t end_pad, float
   return mx + std::log(sum);
 }
 
-ffi::Error AttnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out,
-                       ffi::ResultBuffer<ffi::F32> lse, float scale, float cap) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  Dims s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[1] / kd[1], (kd[2] + kCols - 1) / kCols * kCols};
-  if (ffi::Error error = CheckShapes(s, q, k, v, mask); error.failure()) return error;
+ffi::Error AttnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::U8> mask,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale, float cap) {
+  Dims s;
+  if (ffi::Error error = ReadDims(qkv.dimensions(), out->dimensions(), mask.dimensions(), s); error.failure())
+    return error;
   const int64_t mstride = s.stride;
   layerjax::ParallelTasks(pool, s.batch * s.heads, [&](int64_t task) {
     const int64_t b = task / s.heads, h = task % s.heads, n = h / s.group;
-    const float* qh = q.typed_data() + task * s.length * s.dim;
-    const float* kh = k.typed_data() + (b * s.kv_heads + n) * s.keys * s.dim;
-    const float* vh = v.typed_data() + (b * s.kv_heads + n) * s.keys * s.dim;
+    const float* tokens = qkv.typed_data() + b * s.length * s.row;
+    const float* qh = tokens + h * s.dim;
+    const float* kh = tokens + (s.heads + n) * s.dim;
+    const float* vh = tokens + (s.heads + s.kv_heads + n) * s.dim;
     const uint8_t* mb = mask.typed_data() + b * s.length * mstride;
-    float* oh = out->typed_data() + task * s.length * s.dim;
+    float* oh = out->typed_data() + b * s.length * s.orow + h * s.dim;
     float* lh = lse->typed_data() + task * s.length;
     std::vector<float> kt(s.dim * s.stride), scores(kRows * s.stride), qtile(kRows * s.dim), otile(kRows * s.dim);
-    Transpose(kh, s.keys, s.dim, s.stride, kt.data());
+    Transpose(kh, s.row, s.length, s.dim, s.stride, kt.data());
     for (int64_t i0 = 0; i0 < s.length; i0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, s.length - i0));
       const int64_t end = TileEnd(mb, i0, rows, mstride);
       const int64_t end_pad = (end + kCols - 1) / kCols * kCols;
-      std::fill(qtile.begin(), qtile.end(), 0.0f);
-      std::memcpy(qtile.data(), qh + i0 * s.dim, rows * s.dim * sizeof(float));
+      LoadRows(qh + i0 * s.row, s.row, rows, s.dim, qtile.data());
       ScoresTile(qtile.data(), s.dim, kt.data(), s.stride, end_pad, scores.data(), s.stride);
       for (int r = 0; r < kRows; ++r) {
         float* row = scores.data() + r * s.stride;
         if (r >= rows) { std::fill(row, row + end_pad, 0.0f); continue; }
         lh[i0 + r] = SoftmaxRow(row, mb + (i0 + r) * mstride, end, end_pad, scale, cap, true, 0.0f);
       }
-      MixTile(scores.data(), s.stride, end, vh, s.dim, otile.data());
-      std::memcpy(oh + i0 * s.dim, otile.data(), rows * s.dim * sizeof(float));
+      MixTile(scores.data(), s.stride, end, vh, s.row, s.dim, otile.data());
+      StoreRows(otile.data(), rows, s.dim, oh + i0 * s.orow, s.orow);
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> o,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                        ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale, float cap) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  Dims s{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[1] / kd[1], (kd[2] + kCols - 1) / kCols * kCols};
-  if (ffi::Error error = CheckShapes(s, q, k, v, mask); error.failure()) return error;
+ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::U8> mask,
+                        ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                        ffi::ResultBuffer<ffi::F32> dqkv, float scale, float cap) {
+  Dims s;
+  if (ffi::Error error = ReadDims(qkv.dimensions(), o.dimensions(), mask.dimensions(), s); error.failure())
+    return error;
+  if (!SameDims(dout.dimensions(), o.dimensions()) || !SameDims(dqkv->dimensions(), qkv.dimensions()))
+    return ffi::Error::InvalidArgument("layerjax attention kernel: dout must match o, dqkv qkv");
   const int64_t mstride = s.stride;
+  // One task per (batch row, kv head): it owns that head's dK and dV columns and its query
+  // heads' dQ columns, so no two tasks write the same floats.
   layerjax::ParallelTasks(pool, s.batch * s.kv_heads, [&](int64_t task) {
-    const int64_t b = task / s.kv_heads;
-    const float* kh = k.typed_data() + task * s.keys * s.dim;
-    const float* vh = v.typed_data() + task * s.keys * s.dim;
-    float* dkh = dk->typed_data() + task * s.keys * s.dim;
-    float* dvh = dv->typed_data() + task * s.keys * s.dim;
-    std::fill(dkh, dkh + s.keys * s.dim, 0.0f);
-    std::fill(dvh, dvh + s.keys * s.dim, 0.0f);
+    const int64_t b = task / s.kv_heads, n = task % s.kv_heads;
+    const float* tokens = qkv.typed_data() + b * s.length * s.row;
+    float* dtokens = dqkv->typed_data() + b * s.length * s.row;
+    const float* kh = tokens + (s.heads + n) * s.dim;
+    const float* vh = tokens + (s.heads + s.kv_heads + n) * s.dim;
+    float* dkh = dtokens + (s.heads + n) * s.dim;
+    float* dvh = dtokens + (s.heads + s.kv_heads + n) * s.dim;
+    for (int64_t j = 0; j < s.length; ++j) {
+      std::fill(dkh + j * s.row, dkh + j * s.row + s.dim, 0.0f);
+      std::fill(dvh + j * s.row, dvh + j * s.row + s.dim, 0.0f);
+    }
     const uint8_t* mb = mask.typed_data() + b * s.length * mstride;
     std::vector<float> kt(s.dim * s.stride), vt(s.dim * s.stride), p(kRows * s.stride), ds(kRows * s.stride),
-        qtile(kRows * s.dim), dotile(kRows * s.dim), dqtile(kRows * s.dim);
-    Transpose(kh, s.keys, s.dim, s.stride, kt.data());
-    Transpose(vh, s.keys, s.dim, s.stride, vt.data());
+        qtile(kRows * s.dim), dotile(kRows * s.dim), otile(kRows * s.dim), dqtile(kRows * s.dim);
+    Transpose(kh, s.row, s.length, s.dim, s.stride, kt.data());
+    Transpose(vh, s.row, s.length, s.dim, s.stride, vt.data());
     for (int64_t g = 0; g < s.group; ++g) {
-      const int64_t head = b * s.heads + (task % s.kv_heads) * s.group + g;
-      const float* qh = q.typed_data() + head * s.length * s.dim;
-      const float* oh = o.typed_data() + head * s.length * s.dim;
-      const float* doh = dout.typed_data() + head * s.length * s.dim;
-      const float* lh = lse.typed_data() + head * s.length;
-      float* dqh = dq->typed_data() + head * s.length * s.dim;
+      const int64_t h = n * s.group + g;
+      const float* qh = tokens + h * s.dim;
+      const float* oh = o.typed_data() + b * s.length * s.orow + h * s.dim;
+      const float* doh = dout.typed_data() + b * s.length * s.orow + h * s.dim;
+      const float* lh = lse.typed_data() + (b * s.heads + h) * s.length;
+      float* dqh = dtokens + h * s.dim;
       for (int64_t i0 = 0; i0 < s.length; i0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, s.length - i0));
         const int64_t end = TileEnd(mb, i0, rows, mstride);
         const int64_t end_pad = (end + kCols - 1) / kCols * kCols;
-        std::fill(qtile.begin(), qtile.end(), 0.0f);
-        std::fill(dotile.begin(), dotile.end(), 0.0f);
-        std::memcpy(qtile.data(), qh + i0 * s.dim, rows * s.dim * sizeof(float));
-        std::memcpy(dotile.data(), doh + i0 * s.dim, rows * s.dim * sizeof(float));
+        LoadRows(qh + i0 * s.row, s.row, rows, s.dim, qtile.data());
+        LoadRows(doh + i0 * s.orow, s.orow, rows, s.dim, dotile.data());
+        LoadRows(oh + i0 * s.orow, s.orow, rows, s.dim, otile.data());
         ScoresTile(qtile.data(), s.dim, kt.data(), s.stride, end_pad, p.data(), s.stride);
         ScoresTile(dotile.data(), s.dim, vt.data(), s.stride, end_pad, ds.data(), s.stride);
         for (int r = 0; r < kRows; ++r) {
@@ -302,7 +333,7 @@ ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
           }
           SoftmaxRow(prow, m, end, end_pad, scale, cap, false, lh[i0 + r]);
           float delta = 0.0f;
-          for (int64_t d = 0; d < s.dim; ++d) delta += dotile[r * s.dim + d] * oh[(i0 + r) * s.dim + d];
+          for (int64_t d = 0; d < s.dim; ++d) delta += dotile[r * s.dim + d] * otile[r * s.dim + d];
           const __m256 vdelta = _mm256_set1_ps(delta), vscale = _mm256_set1_ps(scale);
           if (cap > 0) {
             for (int64_t j = 0; j < end; ++j) {
@@ -317,10 +348,10 @@ ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
             }
           }
         }
-        MixTile(ds.data(), s.stride, end, kh, s.dim, dqtile.data());
-        std::memcpy(dqh + i0 * s.dim, dqtile.data(), rows * s.dim * sizeof(float));
-        OuterTile(p.data(), s.stride, end, dotile.data(), s.dim, dvh);
-        OuterTile(ds.data(), s.stride, end, qtile.data(), s.dim, dkh);
+        MixTile(ds.data(), s.stride, end, kh, s.row, s.dim, dqtile.data());
+        StoreRows(dqtile.data(), rows, s.dim, dqh + i0 * s.row, s.row);
+        OuterTile(p.data(), s.stride, end, dotile.data(), s.dim, dvh, s.row);
+        OuterTile(ds.data(), s.stride, end, qtile.data(), s.dim, dkh, s.row);
       }
     }
   });
@@ -335,16 +366,13 @@ extern "C" int LayerjaxAttentionCompiled() { return 1; }
 
 namespace {
 
-ffi::Error AttnForward(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-                       ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, float,
-                       float) {
+ffi::Error AttnForward(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>,
+                       ffi::ResultBuffer<ffi::F32>, float, float) {
   return ffi::Error::Internal("layerjax attention kernel built without AVX2/FMA");
 }
 
-ffi::Error AttnBackward(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-                        ffi::Buffer<ffi::U8>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-                        ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>,
-                        ffi::ResultBuffer<ffi::F32>, float, float) {
+ffi::Error AttnBackward(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, float, float) {
   return ffi::Error::Internal("layerjax attention kernel built without AVX2/FMA");
 }
 
@@ -357,9 +385,7 @@ extern "C" int LayerjaxAttentionCompiled() { return 0; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAttentionForward, AttnForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv
                                   .Arg<ffi::Buffer<ffi::U8>>()    // mask
                                   .Ret<ffi::Buffer<ffi::F32>>()   // o
                                   .Ret<ffi::Buffer<ffi::F32>>()   // lse
@@ -369,15 +395,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAttentionForward, AttnForward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAttentionBackward, AttnBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dqkv
                                   .Attr<float>("scale")
                                   .Attr<float>("logit_cap"));

@@ -39,36 +39,51 @@ def _mask_bytes(mask_BxLxS: jax.Array, batch: int) -> jax.Array:
     return jnp.pad(mask, ((0, 0), (0, 0), (0, -keys % 16)))
 
 
-def _forward_call(q, k, v, mask, scale, logit_cap):
+def _forward_call(qkv, mask, heads, scale, logit_cap):
     cpu_kernels.require("attention")
+    batch, length, _, dim = qkv.shape
     out, lse = jax.ffi.ffi_call(
         "layerjax_attention_forward",
-        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)),
-        vmap_method="sequential")(q, k, v, _mask_bytes(mask, q.shape[0]), scale=np.float32(scale),
+        (jax.ShapeDtypeStruct((batch, length, heads, dim), qkv.dtype),
+         jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)),
+        vmap_method="sequential")(qkv, _mask_bytes(mask, batch), scale=np.float32(scale),
                                   logit_cap=np.float32(logit_cap))
     return checkpoint_name(out, SAVED_NAMES[0]), checkpoint_name(lse, SAVED_NAMES[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def cpu_attention(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS, scale: float, logit_cap: float) -> jax.Array:
-    """softmax(scale * q k^T) v over the keys mask_BxLxS shows (scale: resolved, not 0)."""
-    return _forward_call(q_BxHxLxK, k_BxNxSxK, v_BxNxSxK, mask_BxLxS, scale, logit_cap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def packed_attention(qkv_BxLxCxK, mask_BxLxL, heads: int, scale: float, logit_cap: float) -> jax.Array:
+    """Self-attention of token-major heads: qkv_BxLxCxK holds each token's `heads` query heads,
+    then its key heads, then as many value heads (C = heads + 2 * kv heads), the layout the fused
+    q, k, v projection writes; returns [B, L, heads, K], the layout the output projection reads.
+    The kernel indexes these layouts directly, so no transpose or concatenation surrounds it."""
+    return _forward_call(qkv_BxLxCxK, mask_BxLxL, heads, scale, logit_cap)[0]
 
 
-def _cpu_attention_fwd(q, k, v, mask, scale, logit_cap):
-    out, lse = _forward_call(q, k, v, mask, scale, logit_cap)
-    return out, (q, k, v, mask, out, lse)
+def _packed_attention_fwd(qkv, mask, heads, scale, logit_cap):
+    out, lse = _forward_call(qkv, mask, heads, scale, logit_cap)
+    return out, (qkv, mask, out, lse)
 
 
-def _cpu_attention_bwd(scale, logit_cap, saved, d_out):
-    q, k, v, mask, out, lse = saved
+def _packed_attention_bwd(heads, scale, logit_cap, saved, d_out):
+    qkv, mask, out, lse = saved
     cpu_kernels.require("attention")
-    dq, dk, dv = jax.ffi.ffi_call(
-        "layerjax_attention_backward",
-        tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
-        vmap_method="sequential")(q, k, v, _mask_bytes(mask, q.shape[0]), out, lse, d_out.astype(q.dtype),
-                                  scale=np.float32(scale), logit_cap=np.float32(logit_cap))
-    return dq, dk, dv, None
+    dqkv = jax.ffi.ffi_call("layerjax_attention_backward", jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                            vmap_method="sequential")(
+        qkv, _mask_bytes(mask, qkv.shape[0]), out, lse, d_out.astype(qkv.dtype),
+        scale=np.float32(scale), logit_cap=np.float32(logit_cap))
+    return dqkv, None
 
 
-cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
+packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)
+
+
+def cpu_attention(q_BxHxLxK, k_BxNxLxK, v_BxNxLxK, mask_BxLxL, scale: float, logit_cap: float) -> jax.Array:
+    """softmax(scale * q k^T) v over the keys mask_BxLxL shows (scale: resolved, not 0), in the
+    heads-first layout of the other kernels. The attention layer splits its projection into q, k
+    and v and moves heads first; the regrouping here undoes both, and XLA folds each pair away
+    (transpose of a transpose, concatenation of adjacent slices), so in a model the kernel reads
+    the projection's output as is and its gradient feeds the projection's backward directly."""
+    qkv = jnp.concatenate([jnp.swapaxes(t, 1, 2) for t in (q_BxHxLxK, k_BxNxLxK, v_BxNxLxK)], axis=2)
+    out_BxLxHxK = packed_attention(qkv, mask_BxLxL, q_BxHxLxK.shape[1], scale, logit_cap)
+    return jnp.swapaxes(out_BxLxHxK, 1, 2)
