@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layerjax.config import ModelConfig
+from layerjax.config import ConfigError, ModelConfig, load_config
 from layerjax.layers.attention import Attention, Context
 from layerjax.layers.embed import apply_rope, rope_frequencies
 from layerjax.layers.norms import Norm
@@ -73,6 +73,27 @@ def test_scanned_equals_unrolled_logits_and_grads(canon):
     grads_s = jax.grad(lambda p: loss(graph_s, p))(params)
     grads_u = jax.grad(lambda p: loss(graph_u, p))(params)
     chex.assert_trees_all_close(grads_s, grads_u, rtol=1e-4, atol=1e-6)
+
+
+def test_scan_unroll_leaves_logits_and_grads_unchanged():
+    """model.scan_unroll only regroups the loop: 2 layers per iteration (3 = 2 + 1, the rest
+    handled) and the whole stack in one body give the one-layer scan's logits and gradients."""
+    m = dataclasses.replace(TINY, num_layers=3, layer_norms=(), canon="")
+    toks = tokens()
+    params = nnx.split(Transformer(m, nnx.Rngs(0)), nnx.Param)[1]
+
+    def logits_and_grads(unroll):
+        g = nnx.split(Transformer(dataclasses.replace(m, scan_unroll=unroll), nnx.Rngs(0)), nnx.Param)[0]
+        forward = lambda p: nnx.merge(g, p)(toks)[0]
+        scans = [e for e in jax.make_jaxpr(forward)(params).eqns if e.primitive.name == "scan"]
+        assert [e.params["unroll"] for e in scans] == [unroll or 3]  # lax.scan's unroll=True: the length
+        return jax.jit(lambda p: (forward(p), jax.grad(lambda p: jnp.mean(forward(p) ** 2))(p)))(params)
+
+    reference = logits_and_grads(1)
+    for unroll in (2, 0):
+        chex.assert_trees_all_close(logits_and_grads(unroll), reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.scan_unroll=-1 must be >= 0"):
+        load_config("default", ["model.scan_unroll=-1"])
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned", "none"])

@@ -254,7 +254,7 @@ def hf_config(m: ModelConfig, family: str) -> dict:
 
 
 # Fields that change neither the function a model computes nor its weights' layout.
-_NOT_STRUCTURAL = {"init_std", "dtype", "param_dtype", "scan_layers", "remat", "document_mask", "canon_kernel", "adapter",
+_NOT_STRUCTURAL = {"init_std", "dtype", "param_dtype", "scan_layers", "scan_unroll", "remat", "document_mask", "canon_kernel", "adapter",
                    "canon_residual", "canon_bias", "canon_activation", "canon_trainable", "mix_alpha",
                    "deepnorm_alpha"}
 

@@ -84,7 +84,7 @@ class LayerStack(nnx.Module):
                     variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
 
     def __call__(self, x_BxLxD: jax.Array, scalars: dict[str, jax.Array], ctx: Context,
-                 cache: KVCache | None, *, scan: bool, remat: str, probe: str | None = None,
+                 cache: KVCache | None, *, scan: bool, remat: str, unroll: int = 1, probe: str | None = None,
                  skip_layer: jax.Array | None = None, depths: int | None = None):
         """Returns (x, cache, probes): probes is None, or per layer (stacked on a leading axis) the
         `residual_stats` dict (probe="stats") or the layer's output (probe="hidden").
@@ -125,7 +125,8 @@ class LayerStack(nnx.Module):
             # own parameters are scanned.
             body = (lambda x, xs: layer(x, (params, *xs))) if shared else layer
             per_layer = (scalars, cache, index, relax_params) if shared else (params, scalars, cache, None, relax_params)
-            x, (cache, probes, router) = jax.lax.scan(body, x_BxLxD, per_layer)
+            # unroll=0: the whole segment in one body (lax.scan's unroll=True).
+            x, (cache, probes, router) = jax.lax.scan(body, x_BxLxD, per_layer, unroll=unroll or True)
         else:  # unrolled, for debugging: the same stacked parameters, sliced one layer at a time
             x, outputs = x_BxLxD, []
             for i in range(num_layers):
@@ -209,7 +210,7 @@ class Transformer(nnx.Module):
                     new_cache.append(stack_cache)
                 continue
             x, stack_cache, stack_probes = stack(x, scalars, ctx, stack_cache, scan=m.scan_layers, remat=resolve_remat(m),
-                                                 probe=stack_probe, skip_layer=skip_layer, depths=depths)
+                                                 unroll=m.scan_unroll, probe=stack_probe, skip_layer=skip_layer, depths=depths)
             if cache is not None:
                 new_cache.append(stack_cache)
             probes.append(stack_probes)

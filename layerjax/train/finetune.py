@@ -21,7 +21,7 @@ from layerjax.train.step import TrainState, join_trainable, split_trainable
 
 BASE_FILE = "base.json"
 # Model fields a base may differ in from the fine-tuned model without changing its weights' meaning.
-_FREE_FIELDS = ("adapter", "dtype", "param_dtype", "scan_layers", "remat")
+_FREE_FIELDS = ("adapter", "dtype", "param_dtype", "scan_layers", "scan_unroll", "remat")
 
 
 def is_finetune(m: ModelConfig) -> bool:

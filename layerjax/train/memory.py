@@ -113,9 +113,12 @@ def kept_activations(m: ModelConfig) -> str:
 
 
 def remat_ignored(m: ModelConfig, platform: str | None = None) -> bool:
-    """Whether model.remat has no effect: layers unrolled on CPU (see `kept_activations`).
-    platform: the backend's (default: this process's first device's)."""
-    return not m.scan_layers and (platform or jax.devices()[0].platform) == "cpu"
+    """Whether model.remat has no effect: layers unrolled on CPU (see `kept_activations`), by
+    scan_layers=false or by a scan body that holds the whole stack (model.scan_unroll: 574 MiB of
+    XLA temp for bench_cpu either way). platform: the backend's (default: this process's first
+    device's)."""
+    unrolled = not m.scan_layers or m.scan_unroll == 0 or m.scan_unroll >= m.num_layers
+    return unrolled and (platform or jax.devices()[0].platform) == "cpu"
 
 
 def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int, devices: int) -> int:
