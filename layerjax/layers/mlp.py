@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layerjax.layers.activations import gelu_tanh, silu
 from layerjax.layers.canon import Canon
 from layerjax.layers.params import const_param, dense, normal_param
 
 # Gated kinds: W_out (act(x W_gate) * (x W_up)), differing only in the gate's activation.
 GATED_ACTIVATIONS = {
-    "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=True),  # Gemma's gelu_pytorch_tanh
+    "swiglu": silu,
+    "geglu": gelu_tanh,  # Gemma's gelu_pytorch_tanh
 }
 
 
@@ -71,7 +72,7 @@ class MLP(nnx.Module):
             gate, up = jnp.split(h_BxLxF, 2, axis=-1)
             h_BxLxF = GATED_ACTIVATIONS[self.kind](gate) * up
         else:
-            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
+            h_BxLxF = gelu_tanh(h_BxLxF)
         out_BxLxD = dense(h_BxLxF, self.w_out[...])
         if self.b_out is not None:
             out_BxLxD = out_BxLxD + self.b_out[...].astype(dtype)
