@@ -70,6 +70,40 @@ def test_block_equals_scheme_equation(scheme):
     np.testing.assert_allclose(out, expected, rtol=3e-5, atol=3e-5)
 
 
+def _normalize_by_formula(x, gain, bias, centered, eps, offset):
+    """The norm as a formula, for JAX to differentiate on its own."""
+    axes = tuple(range(-gain.ndim, 0))
+    x32 = x.astype(jnp.float32)
+    if centered:
+        x32 = x32 - jnp.mean(x32, axis=axes, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=axes, keepdims=True) + eps) * (1.0 + gain if offset else gain)
+    return (y if bias is None else y + bias).astype(x.dtype)
+
+
+@pytest.mark.parametrize("centered, offset, bias, gain_shape", [
+    (False, False, False, (16,)),  # RMSNorm
+    (True, False, True, (16,)),  # LayerNorm with its shift
+    (False, True, False, (4, 8)),  # Gemma's 1 + g, over two trailing axes (a full-width QK-norm)
+])
+def test_norm_gradient_equals_jax_derivative_of_the_formula(centered, offset, bias, gain_shape):
+    from layerjax.layers.norms import normalize
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (3, 5, *gain_shape)) * 3 + 1
+    gain = jax.random.uniform(keys[1], gain_shape, minval=0.5, maxval=2.0)
+    shift = jax.random.normal(keys[2], gain_shape) if bias else None
+    weights = jax.random.normal(keys[3], x.shape)
+    loss = lambda f: (lambda x, g, b: jnp.sum(f(x, g, b, centered, 1e-6, offset) * weights))
+    args = (x, gain, shift)
+    argnums = (0, 1, 2) if bias else (0, 1)
+    chex.assert_trees_all_close(normalize(*args, centered, 1e-6, offset),
+                                _normalize_by_formula(*args, centered, 1e-6, offset), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(jax.grad(loss(normalize), argnums)(*args),
+                                jax.grad(loss(_normalize_by_formula), argnums)(*args), rtol=1e-5, atol=1e-5)
+    half = jax.grad(lambda x: jnp.sum(normalize(x, gain, shift, centered, 1e-6, offset)))(x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+
+
 def test_deepnorm_constants_and_init_scale():
     alpha, beta = deepnorm_constants(12)
     assert alpha == pytest.approx(24**0.25) and beta == pytest.approx(96**-0.25)
