@@ -16,8 +16,8 @@
 // of each token (the q, k, v projection's output as is); o and dout [B, L, H, D] (the output
 // projection's input); H a multiple of N (grouped queries); mask uint8 [B, L, L16], nonzero where
 // a query sees a key, L16 = L rounded up to 16 with zero padding; lse [B, H, L]. D a multiple of
-// 16. Every query row must see at least one key (true of self-attention: a token sees itself). logit_cap > 0: scaled logits become
-// cap * tanh(logits / cap) before the mask, as in the JAX forms.
+// 16. Every query row must see at least one key (true of self-attention: a token sees itself).
+// logit_cap > 0: scaled logits become cap * tanh(logits / cap) before the mask, as in the JAX forms.
 
 #include <algorithm>
 #include <cmath>
