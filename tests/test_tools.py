@@ -102,3 +102,17 @@ def test_compare_torch_gives_the_reference_the_same_shape():
     assert bench.reference_mismatches(cfg) == []  # bench_cpu is the reference's model
     assert bench.reference_mismatches(load_config("bench_cpu", ["model.mlp=swiglu", "model.canon=AC"])) == [
         "model.mlp='swiglu' (reference: 'gelu')", "model.canon='AC' (reference: '')"]
+
+
+def test_compare_torch_alternates_and_pairs_its_rounds():
+    import bench
+
+    assert [bench.round_order(i)[0] for i in range(4)] == ["layerjax", "torch", "layerjax", "torch"]
+    assert all(sorted(bench.round_order(i)) == ["layerjax", "torch"] for i in range(4))
+    # Round 2 ran on a slow machine for both sides: the per-round ratios cancel that, the medians less so.
+    result = bench.summarize_rounds([1000.0, 500.0, 1100.0], [1000.0, 400.0, 1000.0])
+    assert result["ratio"] == pytest.approx(1000.0 / 1000.0)
+    assert result["round_ratios"] == pytest.approx([1.0, 1.25, 1.1])
+    assert result["round_ratio_median"] == pytest.approx(1.1)
+    assert (result["round_ratio_min"], result["round_ratio_max"]) == pytest.approx((1.0, 1.25))
+    assert result["rounds_at_least_1"] == 3

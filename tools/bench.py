@@ -144,10 +144,29 @@ def reference_mismatches(cfg) -> list[str]:
             if hasattr(m, k) and getattr(m, k) != v and not (k == "num_kv_heads" and getattr(m, k) == m.num_heads)]
 
 
+def round_order(i: int) -> tuple[str, str]:
+    """Which side runs first in round i: they swap every round (ABBA), so a machine that speeds up
+    or slows down across a round does not always favour the side that runs second."""
+    return ("layerjax", "torch") if i % 2 == 0 else ("torch", "layerjax")
+
+
+def summarize_rounds(ours: list[float], theirs: list[float]) -> dict:
+    """The ratio (layerjax / PyTorch tokens/s) two ways: of the two medians, and per round (each
+    round's two runs are neighbours in time, so their ratio cancels most of the machine's slow
+    drift), with the per-round spread and how many rounds reach 1.0."""
+    per_round = [o / t for o, t in zip(ours, theirs)]
+    return {"layerjax_tokens_per_sec": ours, "torch_tokens_per_sec": theirs,
+            "layerjax_median": statistics.median(ours), "torch_median": statistics.median(theirs),
+            "ratio": statistics.median(ours) / statistics.median(theirs),
+            "round_ratios": per_round, "round_ratio_median": statistics.median(per_round),
+            "round_ratio_min": min(per_round), "round_ratio_max": max(per_round),
+            "rounds_at_least_1": sum(r >= 1.0 for r in per_round)}
+
+
 def compare_torch(args, rounds: int) -> dict:
     """Runs tools/bench.py and torch_ref.py in turn, `rounds` times each in fresh processes on the
-    same shape, and reports the median tokens/s of each and their ratio (layerjax / PyTorch):
-    alternating spreads the machine's load drift over both."""
+    same shape (which side goes first alternates), and reports the median tokens/s of each, the
+    ratio of the medians, and the median and range of the per-round ratios."""
     import subprocess
     import tempfile
 
@@ -157,24 +176,26 @@ def compare_torch(args, rounds: int) -> dict:
     print(f"both sides run under the {current_allocator()} allocator (layerjax/allocator.py)", flush=True)
     for mismatch in reference_mismatches(cfg):
         print(f"note: {mismatch}: the two sides run different models", flush=True)
-    ours_cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--config", args.config, *args.overrides,
-                "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    theirs_cmd = [sys.executable, str(TORCH_REF), *torch_ref_args(cfg), "--steps", str(args.steps)]
-    ours, theirs = [], []
+    commands = {"layerjax": [sys.executable, str(pathlib.Path(__file__).resolve()), "--config", args.config,
+                             *args.overrides, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                "torch": [sys.executable, str(TORCH_REF), *torch_ref_args(cfg), "--steps", str(args.steps)]}
+    speeds = {"layerjax": [], "torch": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
-            for name, cmd, sink in (("layerjax", ours_cmd, ours), ("torch", theirs_cmd, theirs)):
+            for name in round_order(i):
                 out = pathlib.Path(tmp) / f"{name}{i}.json"
-                done = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True)
+                done = subprocess.run([*commands[name], "--json", str(out)], capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"bench: {name} run {i + 1} failed:\n{done.stderr[-2000:]}")
-                sink.append(json.loads(out.read_text())["tokens_per_s"])  # both tools name it so
-                print(f"round {i + 1}/{rounds} {name:<9} {sink[-1]:>10,.0f} tokens/s", flush=True)
-    result = {"layerjax_tokens_per_sec": ours, "torch_tokens_per_sec": theirs,
-              "layerjax_median": statistics.median(ours), "torch_median": statistics.median(theirs)}
-    result["ratio"] = result["layerjax_median"] / result["torch_median"]
+                speeds[name].append(json.loads(out.read_text())["tokens_per_s"])  # both tools name it so
+                print(f"round {i + 1}/{rounds} {name:<9} {speeds[name][-1]:>10,.0f} tokens/s", flush=True)
+            print(f"round {i + 1}/{rounds} ratio     {speeds['layerjax'][-1] / speeds['torch'][-1]:>10.2f}x", flush=True)
+    result = summarize_rounds(speeds["layerjax"], speeds["torch"])
     print(f"median tokens/s: layerjax {result['layerjax_median']:,.0f}, torch {result['torch_median']:,.0f}; "
           f"ratio {result['ratio']:.2f}x", flush=True)
+    print(f"per-round ratio: median {result['round_ratio_median']:.2f}x, range {result['round_ratio_min']:.2f}-"
+          f"{result['round_ratio_max']:.2f}x, {result['rounds_at_least_1']} of {rounds} rounds at 1.0x or more",
+          flush=True)
     return result
 
 
@@ -193,7 +214,8 @@ def main(argv=None) -> dict:
                         help="also write the result to this JSON file (default: print only)")
     parser.add_argument("--compare-torch", type=int, nargs="?", const=3, default=0, metavar="ROUNDS",
                         help="run this bench and ../shared/bench/torch_ref.py on the same shape, alternating, "
-                             "ROUNDS times each (default 3), and print the median tokens/s and their ratio")
+                             "ROUNDS times each (default 3), and print the median tokens/s, their ratio, and "
+                             "the median and range of the per-round ratios")
     args = parser.parse_intermixed_args(argv)
     if args.compare_torch:
         result = compare_torch(args, args.compare_torch)
