@@ -116,3 +116,26 @@ def test_compare_torch_alternates_and_pairs_its_rounds():
     assert result["round_ratio_median"] == pytest.approx(1.1)
     assert (result["round_ratio_min"], result["round_ratio_max"]) == pytest.approx((1.0, 1.25))
     assert result["rounds_at_least_1"] == 3
+
+
+TINY_REFERENCE = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+                  "model.vocab_size=64", "model.max_seq_len=16", "data.synthetic_vocab=64", "data.seq_len=16",
+                  "data.batch_size=2"]
+
+
+def test_bench_parts_times_every_part_on_both_sides():
+    pytest.importorskip("torch")
+    import bench_parts
+
+    if not bench_parts.TORCH_REF.is_file():
+        pytest.skip("needs ../shared/bench/torch_ref.py")
+    rows = bench_parts.main(["-c", "bench_cpu", *TINY_REFERENCE, "--rounds", "1", "--calls", "1"])
+    assert [r["part"] for r in rows] == ["whole train step", "weight matmuls (4 per layer)", "attention", "LayerNorm",
+                                         "GELU", "tied head + cross-entropy", "AdamW update (+ clip, norms, guard)"]
+    assert [r["per_step"] for r in rows] == [1, 1, 1, 3, 1, 1, 1]  # one layer: two norms and the final one
+    assert all(r["layerjax_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    table = bench_parts.format_rows(rows)
+    assert "| sum of the parts |" in table and "| the rest (whole step - parts) |" in table
+    assert table.splitlines()[-1].startswith("| whole train step | 1 |")
+    with pytest.raises(SystemExit, match="model.mlp='swiglu'"):
+        bench_parts.main(["-c", "bench_cpu", *TINY_REFERENCE, "model.mlp=swiglu"])

@@ -110,6 +110,25 @@ def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None
     return total, stats
 
 
+def apply_gradients(state: TrainState, grads: nnx.State, loss: jax.Array, tx: optax.GradientTransformation,
+                    m) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
+    """The optimizer's half of the train step: `grads` (of the trainable parameters, already
+    averaged) through `tx` into the parameters, unless the loss, the gradients or the update are
+    not finite. Returns (new state, gradient norm, update norm, finite)."""
+    trainable, frozen = split_trainable(state.params, m)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = join_trainable(optax.apply_updates(trainable, updates), frozen)
+    update_norm = optax.global_norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    # A non-finite update never reaches the state; the loop then stops or goes on (config).
+    # The step counter advances either way, so the schedule and the data stay in step.
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
+                              opt_state=keep_old(opt_state, state.opt_state))
+    return new_state, grad_norm, update_norm, finite
+
+
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
     microbatches = cfg.train.microbatches
@@ -142,16 +161,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         # one step (a second compile, and float32 moments for bfloat16 parameters).
         grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
         loss = stats["ce_sum"] / weight
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        params = join_trainable(optax.apply_updates(trainable, updates), frozen)
-        update_norm = optax.global_norm(updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        # A non-finite update never reaches the state; the loop then stops or goes on (config).
-        # The step counter advances either way, so the schedule and the data stay in step.
-        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
-        new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
-                                  opt_state=keep_old(opt_state, state.opt_state))
+        new_state, grad_norm, update_norm, finite = apply_gradients(state, grads, loss, tx, cfg.model)
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
                    "update_norm": update_norm, "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,
                    "finite": finite}

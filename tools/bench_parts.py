@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Time each part of the train step on its own, in layerjax and in plain PyTorch, at a config's shape.
+
+    python tools/bench_parts.py -c bench_cpu [--rounds 3] [--calls 10] [section.field=value ...]
+
+`tools/bench.py --compare-torch` gives one ratio for the whole step; this says which parts make
+it. Each part runs forward and backward (the optimizer: one update) as the step runs it: layerjax's
+own functions, jitted, against the same operation of `../shared/bench/torch_ref.py`'s model in
+eager PyTorch (nn.Linear-style matmuls, fused SDPA, LayerNorm, GELU, cross-entropy, AdamW). The
+two sides alternate part by part, `--rounds` times; each figure is the median of `--calls` calls,
+then of the rounds, times how often the step runs the part.
+
+Both whole train steps are timed too (layerjax's jitted step; torch_ref.py's own), and what no
+part covers (the embedding lookup, residual adds, the layer scan's stacking of saved activations,
+the loss's metrics, Python overhead) is printed as the rest: the step minus the parts' sum. The
+shape follows torch_ref's model: a config with another architecture is refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from layerjax.allocator import use_tcmalloc  # noqa: E402
+
+if __name__ == "__main__":
+    use_tcmalloc()  # before jax is imported, as tools/bench.py does: both tools time the same process
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import TORCH_REF, random_batch, reference_mismatches  # noqa: E402
+from layerjax.cli import add_config_args, config_from_args  # noqa: E402
+from layerjax.config import d_ff  # noqa: E402
+
+
+WHOLE_STEP = "whole train step"
+
+
+def part_shapes(cfg) -> dict:
+    m, d = cfg.model, cfg.data
+    return {"batch": d.batch_size, "seq": d.seq_len, "width": m.d_model, "heads": m.num_heads,
+            "ff": d_ff(m), "vocab": m.vocab_size or d.synthetic_vocab, "layers": m.num_layers}
+
+
+def jax_parts(cfg) -> dict:
+    """{part: (calls per step, a function of no arguments that runs it and waits)}, in layerjax."""
+    from layerjax.layers.activations import gelu_tanh
+    from layerjax.layers.attention_cpu import packed_attention
+    from layerjax.layers.norms import normalize
+    from layerjax.layers.params import dense
+    from layerjax.train.head_loss import cross_entropy
+    from layerjax.train.state import build_setup, init_state, jit_train_step
+    from layerjax.train.step import apply_gradients
+
+    s = part_shapes(cfg)
+    b, l, w, h, ff, v = s["batch"], s["seq"], s["width"], s["heads"], s["ff"], s["vocab"]
+    key = iter(jax.random.split(jax.random.key(0), 32))
+    normal = lambda *shape: jax.random.normal(next(key), shape, jnp.float32) * 0.02
+
+    def fwd_bwd(f, *args):
+        """f's value and the gradients of every argument against a random cotangent, one jit."""
+        out_shape = jax.eval_shape(f, *args)
+        cotangent = jax.random.normal(next(key), out_shape.shape, out_shape.dtype)
+        run = jax.jit(lambda *a: jax.vjp(f, *a)[1](cotangent))
+        return lambda: jax.block_until_ready(run(*args))
+
+    def matmuls(x, w_qkv, w_o, w_in, w_out):  # one layer's four weight matmuls
+        qkv = dense(x, w_qkv)
+        y = dense(x, w_o) + dense(dense(x, w_in), w_out)
+        return jnp.concatenate([qkv, y], axis=-1)
+
+    def head_loss(hidden, table, targets):
+        return jnp.mean(cross_entropy(hidden @ table.T, targets)[0])
+
+    causal = jnp.tril(jnp.ones((l, l), bool))[None]
+    targets = jax.random.randint(next(key), (b * l,), 0, v)
+    setup = build_setup(cfg)
+    state = init_state(setup, 0)
+    grads = jax.tree.map(lambda p: jax.random.normal(next(key), p.shape, p.dtype) * 1e-3, state.params)
+    update = jax.jit(lambda st, g: apply_gradients(st, g, jnp.float32(1.0), setup.tx, cfg.model), donate_argnums=0)
+    current = [state]
+
+    def optimizer():
+        current[0] = jax.block_until_ready(update(current[0], grads)[0])
+
+    batch = {k: jax.device_put(a, setup.batch_sharding) for k, a in random_batch(cfg, v).items()}
+    train_step = jit_train_step(setup)
+    stepped = [init_state(setup, 0)]
+
+    def whole_step():
+        stepped[0] = jax.block_until_ready(train_step(stepped[0], batch)[0])
+
+    return {WHOLE_STEP: (1, whole_step),
+        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(matmuls, normal(b * l, w), normal(w, 3 * w),
+                                                             normal(w, w), normal(w, ff), normal(ff, w))),
+        "attention": (s["layers"], fwd_bwd(lambda qkv: packed_attention(qkv, causal, h, (w // h) ** -0.5, 0.0),
+                                           normal(b, l, 3 * h, w // h) * 50)),
+        "LayerNorm": (2 * s["layers"] + 1, fwd_bwd(lambda x, g, bias: normalize(x, g, bias, True, 1e-5, False),
+                                                   normal(b, l, w) * 50, jnp.ones(w), jnp.zeros(w))),
+        "GELU": (s["layers"], fwd_bwd(gelu_tanh, normal(b * l, ff) * 50)),
+        "tied head + cross-entropy": (1, fwd_bwd(lambda x, t: head_loss(x, t, targets), normal(b * l, w) * 50,
+                                                 normal(v, w))),
+        "AdamW update (+ clip, norms, guard)": (1, optimizer),
+    }
+
+
+def torch_parts(cfg) -> dict:
+    """The same parts in eager PyTorch, as torch_ref.py's model runs them."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    s = part_shapes(cfg)
+    b, l, w, h, ff, v = s["batch"], s["seq"], s["width"], s["heads"], s["ff"], s["vocab"]
+    leaf = lambda *shape, scale=0.02: (torch.randn(*shape) * scale).requires_grad_()
+
+    def fwd_bwd(f, *args):
+        out = f(*args)
+        cotangent = torch.randn_like(out)
+
+        def run():
+            for a in args:
+                a.grad = None
+            f(*args).backward(cotangent)
+        return run
+
+    def matmuls(x, w_qkv, w_o, w_in, w_out):  # nn.Linear's layout: weights [out, in]
+        return torch.cat([F.linear(x, w_qkv), F.linear(x, w_o) + F.linear(F.linear(x, w_in), w_out)], dim=-1)
+
+    def attention(qkv):
+        q, k, vv = qkv.split(w, dim=2)
+        q, k, vv = (z.view(b, l, h, w // h).transpose(1, 2) for z in (q, k, vv))
+        return F.scaled_dot_product_attention(q, k, vv, is_causal=True).transpose(1, 2).reshape(b, l, w)
+
+    targets = torch.randint(0, v, (b * l,))
+    params = [torch.nn.Parameter(torch.randn(*shape) * 0.02) for shape in _param_shapes(cfg)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+
+    def optimizer():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return {WHOLE_STEP: (1, _torch_ref_step(s)),
+        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(matmuls, leaf(b * l, w), leaf(3 * w, w), leaf(w, w),
+                                                             leaf(ff, w), leaf(w, ff))),
+        "attention": (s["layers"], fwd_bwd(attention, leaf(b, l, 3 * w, scale=1.0))),
+        "LayerNorm": (2 * s["layers"] + 1, fwd_bwd(lambda x, g: F.layer_norm(x, (w,), g), leaf(b, l, w, scale=1.0),
+                                                   torch.ones(w, requires_grad=True))),
+        "GELU": (s["layers"], fwd_bwd(F.gelu, leaf(b * l, ff, scale=1.0))),
+        "tied head + cross-entropy": (1, fwd_bwd(lambda x, t: F.cross_entropy(x @ t.T, targets), leaf(b * l, w, scale=1.0),
+                                                 leaf(v, w))),
+        "AdamW update (+ clip, norms, guard)": (1, optimizer),
+    }
+
+
+def _torch_ref_step(s: dict):
+    """torch_ref.py's own train step (its model, cross-entropy, AdamW) at these shapes."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("torch_ref", TORCH_REF)
+    torch_ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_ref)
+    model = torch_ref.Decoder(s["vocab"], s["seq"], s["width"], s["layers"], s["heads"], s["ff"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    x, y = (torch.randint(0, s["vocab"], (s["batch"], s["seq"])) for _ in range(2))
+
+    def step():
+        F.cross_entropy(model(x).view(-1, s["vocab"]), y.view(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _param_shapes(cfg) -> list[tuple[int, ...]]:
+    """The shapes of torch_ref's parameters at this config (embeddings, per layer 4 matmuls and 2
+    LayerNorm gains, the final gain)."""
+    s = part_shapes(cfg)
+    w, ff = s["width"], s["ff"]
+    per_layer = [(3 * w, w), (w, w), (ff, w), (w, ff), (w,), (w,)]
+    return [(s["vocab"], w), (s["seq"], w), *per_layer * s["layers"], (w,)]
+
+
+def median_ms(run, calls: int) -> float:
+    run()  # warm-up (and the compile, on the JAX side)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def compare_parts(cfg, rounds: int, calls: int) -> list[dict]:
+    ours, theirs = jax_parts(cfg), torch_parts(cfg)
+    samples = {name: ([], []) for name in ours}
+    for _ in range(rounds):
+        for name in ours:
+            samples[name][0].append(median_ms(ours[name][1], calls))
+            samples[name][1].append(median_ms(theirs[name][1], calls))
+    rows = []
+    for name, (mine, ref) in samples.items():
+        count = ours[name][0]
+        rows.append({"part": name, "per_step": count, "layerjax_ms": count * statistics.median(mine),
+                     "torch_ms": count * statistics.median(ref)})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| part | calls per step | layerjax ms / step | PyTorch ms / step | layerjax / PyTorch time |",
+             "|---|---|---|---|---|"]
+    parts = [r for r in rows if r["part"] != WHOLE_STEP]
+    total = {key: sum(r[key] for r in parts) for key in ("layerjax_ms", "torch_ms")}
+    whole = next(r for r in rows if r["part"] == WHOLE_STEP)
+    rest = {key: whole[key] - total[key] for key in total}
+    for r in parts + [{"part": "sum of the parts", "per_step": "", **total},
+                      {"part": "the rest (whole step - parts)", "per_step": "", **rest}, whole]:
+        ratio = f"{r['layerjax_ms'] / r['torch_ms']:.2f}×" if min(r["layerjax_ms"], r["torch_ms"]) > 0 else "-"
+        lines.append(f"| {r['part']} | {r['per_step']} | {r['layerjax_ms']:,.1f} | {r['torch_ms']:,.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per part and round (default: %(default)s)")
+    args = parser.parse_intermixed_args(argv)
+    cfg = config_from_args(args)
+    mismatches = reference_mismatches(cfg)
+    if mismatches:
+        sys.exit("bench_parts: the parts follow torch_ref.py's model; this config differs: " + "; ".join(mismatches))
+    if not TORCH_REF.is_file():
+        sys.exit(f"bench_parts: needs {TORCH_REF} (the PyTorch reference); it is not there")
+    if importlib.util.find_spec("torch") is None:
+        sys.exit("bench_parts: needs PyTorch (pip install torch==2.13.0, the CPU build)")
+    rows = compare_parts(cfg, args.rounds, args.calls)
+    print(format_rows(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
