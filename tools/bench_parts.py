@@ -34,6 +34,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bench import TORCH_REF, random_batch, reference_mismatches  # noqa: E402
 from layerjax.cli import add_config_args, config_from_args  # noqa: E402
@@ -61,13 +62,15 @@ def jax_parts(cfg) -> dict:
 
     s = part_shapes(cfg)
     b, l, w, h, ff, v = s["batch"], s["seq"], s["width"], s["heads"], s["ff"], s["vocab"]
-    key = iter(jax.random.split(jax.random.key(0), 32))
-    normal = lambda *shape: jax.random.normal(next(key), shape, jnp.float32) * 0.02
+    # numpy draws: jax.random would compile once per shape, most of this tool's start-up.
+    rng = np.random.default_rng(0)
+    normal = lambda *shape, scale=1.0, dtype=np.float32: jnp.asarray(
+        (rng.standard_normal(shape, np.float32) * np.float32(scale)).astype(dtype))
+    weight = lambda *shape: normal(*shape, scale=0.02)
 
     def fwd_bwd(f, *args):
         """f's value and the gradients of every argument against a random cotangent, one jit."""
-        out_shape = jax.eval_shape(f, *args)
-        cotangent = jax.random.normal(next(key), out_shape.shape, out_shape.dtype)
+        cotangent = normal(*jax.eval_shape(f, *args).shape)
         run = jax.jit(lambda *a: jax.vjp(f, *a)[1](cotangent))
         return lambda: jax.block_until_ready(run(*args))
 
@@ -80,10 +83,12 @@ def jax_parts(cfg) -> dict:
         return jnp.mean(cross_entropy(hidden @ table.T, targets)[0])
 
     causal = jnp.tril(jnp.ones((l, l), bool))[None]
-    targets = jax.random.randint(next(key), (b * l,), 0, v)
+    targets = jnp.asarray(rng.integers(0, v, (b * l,), dtype=np.int32))
     setup = build_setup(cfg)
     state = init_state(setup, 0)
-    grads = jax.tree.map(lambda p: jax.random.normal(next(key), p.shape, p.dtype) * 1e-3, state.params)
+    grads = jax.tree.map(lambda p: normal(*p.shape, scale=1e-3, dtype=p.dtype), state.params)
+    # A second state for the whole step (both are donated), copied through the host: no compile.
+    stepped = [jax.device_put(jax.device_get(state), setup.state_shardings)]
     update = jax.jit(lambda st, g: apply_gradients(st, g, jnp.float32(1.0), setup.tx, cfg.model), donate_argnums=0)
     current = [state]
 
@@ -92,21 +97,21 @@ def jax_parts(cfg) -> dict:
 
     batch = {k: jax.device_put(a, setup.batch_sharding) for k, a in random_batch(cfg, v).items()}
     train_step = jit_train_step(setup)
-    stepped = [init_state(setup, 0)]
 
     def whole_step():
         stepped[0] = jax.block_until_ready(train_step(stepped[0], batch)[0])
 
-    return {WHOLE_STEP: (1, whole_step),
-        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(matmuls, normal(b * l, w), normal(w, 3 * w),
-                                                             normal(w, w), normal(w, ff), normal(ff, w))),
+    return {
+        WHOLE_STEP: (1, whole_step),
+        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(matmuls, normal(b * l, w), weight(w, 3 * w),
+                                                             weight(w, w), weight(w, ff), weight(ff, w))),
         "attention": (s["layers"], fwd_bwd(lambda qkv: packed_attention(qkv, causal, h, (w // h) ** -0.5, 0.0),
-                                           normal(b, l, 3 * h, w // h) * 50)),
+                                           normal(b, l, 3 * h, w // h))),
         "LayerNorm": (2 * s["layers"] + 1, fwd_bwd(lambda x, g, bias: normalize(x, g, bias, True, 1e-5, False),
-                                                   normal(b, l, w) * 50, jnp.ones(w), jnp.zeros(w))),
-        "GELU": (s["layers"], fwd_bwd(gelu_tanh, normal(b * l, ff) * 50)),
-        "tied head + cross-entropy": (1, fwd_bwd(lambda x, t: head_loss(x, t, targets), normal(b * l, w) * 50,
-                                                 normal(v, w))),
+                                                   normal(b, l, w), jnp.ones(w), jnp.zeros(w))),
+        "GELU": (s["layers"], fwd_bwd(gelu_tanh, normal(b * l, ff))),
+        "tied head + cross-entropy": (1, fwd_bwd(lambda x, table: head_loss(x, table, targets), normal(b * l, w),
+                                                 weight(v, w))),
         "AdamW update (+ clip, norms, guard)": (1, optimizer),
     }
 
@@ -149,7 +154,8 @@ def torch_parts(cfg) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    return {WHOLE_STEP: (1, _torch_ref_step(s)),
+    return {
+        WHOLE_STEP: (1, _torch_ref_step(s)),
         "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(matmuls, leaf(b * l, w), leaf(3 * w, w), leaf(w, w),
                                                              leaf(ff, w), leaf(w, ff))),
         "attention": (s["layers"], fwd_bwd(attention, leaf(b, l, 3 * w, scale=1.0))),
