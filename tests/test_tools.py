@@ -1,6 +1,7 @@
 """The command-line surface: --print-config, --dry-run, tools/bench.py, generation and
 tools/sample.py on a real (tiny) run."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -19,8 +20,15 @@ from layerjax.model.transformer import Transformer
 from layerjax.train.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 TINY = TINY_RUN
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, loaded by its path (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"layerjax_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args):
@@ -49,7 +57,7 @@ def test_dry_run_prints_plan_params_flops_and_sharding():
 
 
 def test_bench_reports_every_measure(tmp_path):
-    import bench
+    bench = load_tool("bench")
 
     out = tmp_path / "bench.json"
     result = bench.main(["-c", "default", *TINY, "model.vocab_size=64", "--steps", "2", "--warmup", "1",
@@ -93,7 +101,7 @@ def test_sample_tool_on_a_trained_run(tmp_path):
 
 
 def test_compare_torch_gives_the_reference_the_same_shape():
-    import bench
+    bench = load_tool("bench")
 
     cfg = load_config("bench_cpu")
     args = bench.torch_ref_args(cfg)
@@ -105,7 +113,7 @@ def test_compare_torch_gives_the_reference_the_same_shape():
 
 
 def test_compare_torch_alternates_and_pairs_its_rounds():
-    import bench
+    bench = load_tool("bench")
 
     assert [bench.round_order(i)[0] for i in range(4)] == ["layerjax", "torch", "layerjax", "torch"]
     assert all(sorted(bench.round_order(i)) == ["layerjax", "torch"] for i in range(4))
@@ -125,7 +133,7 @@ TINY_REFERENCE = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
 
 def test_bench_parts_times_every_part_on_both_sides():
     pytest.importorskip("torch")
-    import bench_parts
+    bench_parts = load_tool("bench_parts")
 
     if not bench_parts.TORCH_REF.is_file():
         pytest.skip("needs ../shared/bench/torch_ref.py")

@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from layerjax.allocator import use_tcmalloc  # noqa: E402
 
@@ -36,7 +35,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import TORCH_REF, random_batch, reference_mismatches  # noqa: E402
+
+
+def load_script(path: pathlib.Path, name: str):
+    """A Python file (a sibling tool, the PyTorch reference) loaded as a module by its path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# tools/bench.py: the reference's location, the random batch and the model check are one thing.
+bench = load_script(pathlib.Path(__file__).resolve().parent / "bench.py", "layerjax_tools_bench")
+TORCH_REF, random_batch, reference_mismatches = bench.TORCH_REF, bench.random_batch, bench.reference_mismatches
 from layerjax.cli import add_config_args, config_from_args  # noqa: E402
 from layerjax.config import d_ff  # noqa: E402
 
@@ -170,14 +181,10 @@ def torch_parts(cfg) -> dict:
 
 def _torch_ref_step(s: dict):
     """torch_ref.py's own train step (its model, cross-entropy, AdamW) at these shapes."""
-    import importlib.util
-
     import torch
     import torch.nn.functional as F
 
-    spec = importlib.util.spec_from_file_location("torch_ref", TORCH_REF)
-    torch_ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_ref)
+    torch_ref = load_script(TORCH_REF, "torch_ref")
     model = torch_ref.Decoder(s["vocab"], s["seq"], s["width"], s["layers"], s["heads"], s["ff"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     x, y = (torch.randint(0, s["vocab"], (s["batch"], s["seq"])) for _ in range(2))

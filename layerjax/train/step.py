@@ -111,11 +111,11 @@ def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None
 
 
 def apply_gradients(state: TrainState, grads: nnx.State, loss: jax.Array, tx: optax.GradientTransformation,
-                    m) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
+                    model_cfg) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
     """The optimizer's half of the train step: `grads` (of the trainable parameters, already
     averaged) through `tx` into the parameters, unless the loss, the gradients or the update are
     not finite. Returns (new state, gradient norm, update norm, finite)."""
-    trainable, frozen = split_trainable(state.params, m)
+    trainable, frozen = split_trainable(state.params, model_cfg)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = join_trainable(optax.apply_updates(trainable, updates), frozen)
