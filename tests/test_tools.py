@@ -131,6 +131,19 @@ TINY_REFERENCE = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
                   "data.batch_size=2"]
 
 
+def test_bench_parts_runs_each_part_s_whole_forward():
+    """A part returns its forward's value beside the gradients, so XLA cannot drop the forward
+    matmuls the backward does not read: the matmul part does the forward's FLOPs three times
+    (forward, input and weight gradients), as PyTorch's eager part does (only 78% without)."""
+    bench_parts = load_tool("bench_parts")
+    t, w, ff = 16, 8, 32
+    args = [jnp.ones(shape) for shape in [(t, w), (w, 3 * w), (w, w), (w, ff), (ff, w)]]
+    forward_flops = 2 * t * (w * 3 * w + w * w + w * ff + ff * w)
+    run = jax.jit(bench_parts.forward_backward(bench_parts.layer_matmuls))
+    flops = run.lower(jnp.ones((t, 4 * w)), *args).compile().cost_analysis()["flops"]
+    assert 3 * forward_flops <= flops < 3.1 * forward_flops
+
+
 def test_bench_parts_times_every_part_on_both_sides():
     pytest.importorskip("torch")
     bench_parts = load_tool("bench_parts")

@@ -61,12 +61,32 @@ def part_shapes(cfg) -> dict:
             "ff": d_ff(m), "vocab": m.vocab_size or d.synthetic_vocab, "layers": m.num_layers}
 
 
+def layer_matmuls(x, w_qkv, w_o, w_in, w_out):
+    """One layer's four weight matmuls in layerjax (its `dense`), side by side."""
+    from layerjax.layers.params import dense
+
+    qkv = dense(x, w_qkv)
+    y = dense(x, w_o) + dense(dense(x, w_in), w_out)
+    return jnp.concatenate([qkv, y], axis=-1)
+
+
+def forward_backward(f):
+    """(cotangent, *args) -> (f's value, the gradients of every argument): a part's forward and
+    backward as the step runs them. The value is returned, not only the gradients: otherwise XLA
+    drops every forward op whose result the backward does not read (the forward of a linear map,
+    e.g. three of a layer's four weight matmuls) and the part looks cheaper than it is, while
+    PyTorch's eager forward computes everything."""
+    def run(cotangent, *args):
+        value, vjp = jax.vjp(f, *args)
+        return value, vjp(cotangent)
+    return run
+
+
 def jax_parts(cfg) -> dict:
     """{part: (calls per step, a function of no arguments that runs it and waits)}, in layerjax."""
     from layerjax.layers.activations import gelu_tanh
     from layerjax.layers.attention_cpu import packed_attention
     from layerjax.layers.norms import normalize
-    from layerjax.layers.params import dense
     from layerjax.train.head_loss import cross_entropy
     from layerjax.train.state import build_setup, init_state, jit_train_step
     from layerjax.train.step import apply_gradients
@@ -80,15 +100,9 @@ def jax_parts(cfg) -> dict:
     weight = lambda *shape: normal(*shape, scale=0.02)
 
     def fwd_bwd(f, *args):
-        """f's value and the gradients of every argument against a random cotangent, one jit."""
         cotangent = normal(*jax.eval_shape(f, *args).shape)
-        run = jax.jit(lambda *a: jax.vjp(f, *a)[1](cotangent))
-        return lambda: jax.block_until_ready(run(*args))
-
-    def matmuls(x, w_qkv, w_o, w_in, w_out):  # one layer's four weight matmuls
-        qkv = dense(x, w_qkv)
-        y = dense(x, w_o) + dense(dense(x, w_in), w_out)
-        return jnp.concatenate([qkv, y], axis=-1)
+        run = jax.jit(forward_backward(f))
+        return lambda: jax.block_until_ready(run(cotangent, *args))
 
     def head_loss(hidden, table, targets):
         return jnp.mean(cross_entropy(hidden @ table.T, targets)[0])
@@ -114,7 +128,7 @@ def jax_parts(cfg) -> dict:
 
     return {
         WHOLE_STEP: (1, whole_step),
-        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(matmuls, normal(b * l, w), weight(w, 3 * w),
+        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(layer_matmuls, normal(b * l, w), weight(w, 3 * w),
                                                              weight(w, w), weight(w, ff), weight(ff, w))),
         "attention": (s["layers"], fwd_bwd(lambda qkv: packed_attention(qkv, causal, h, (w // h) ** -0.5, 0.0),
                                            normal(b, l, 3 * h, w // h))),
