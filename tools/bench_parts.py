@@ -6,9 +6,11 @@
 `tools/bench.py --compare-torch` gives one ratio for the whole step; this says which parts make
 it. Each part runs forward and backward (the optimizer: one update) as the step runs it: layerjax's
 own functions, jitted, against the same operation of `../shared/bench/torch_ref.py`'s model in
-eager PyTorch (nn.Linear-style matmuls, fused SDPA, LayerNorm, GELU, cross-entropy, AdamW). The
-two sides alternate part by part, `--rounds` times; each figure is the median of `--calls` calls,
-then of the rounds, times how often the step runs the part.
+eager PyTorch (nn.Linear-style matmuls, fused SDPA, LayerNorm, GELU, cross-entropy, AdamW). Each
+round times every part of one side in a fresh process, then of the other (the first side
+alternating by round), `--rounds` times; each figure is the median of `--calls` calls, then of
+the rounds, times how often the step runs the part. The sides never share a process: there the
+two libraries' worker threads slowed both steps, PyTorch's more.
 
 Both whole train steps are timed too (layerjax's jitted step; torch_ref.py's own), and what no
 part covers (the embedding lookup, residual adds, the layer scan's stacking of saved activations,
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -229,18 +233,32 @@ def median_ms(run, calls: int) -> float:
     return statistics.median(times) * 1000
 
 
-def compare_parts(cfg, rounds: int, calls: int) -> list[dict]:
-    ours, theirs = jax_parts(cfg), torch_parts(cfg)
-    samples = {name: ([], []) for name in ours}
-    for _ in range(rounds):
-        for name in ours:
-            samples[name][0].append(median_ms(ours[name][1], calls))
-            samples[name][1].append(median_ms(theirs[name][1], calls))
+def side_times(cfg, side: str, calls: int) -> dict:
+    """{part: [calls per step, median ms per call]} of one side, in this process."""
+    parts = jax_parts(cfg) if side == "layerjax" else torch_parts(cfg)
+    return {name: [count, median_ms(run, calls)] for name, (count, run) in parts.items()}
+
+
+def run_side(side: str, config_argv: list[str], calls: int) -> dict:
+    """`side_times` in a fresh process. Each side runs alone: in one process the two libraries'
+    worker threads slowed both steps (PyTorch's from 1,262 to 1,102 tokens/s on bench_cpu)."""
+    out = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side,
+                          "--calls", str(calls), *config_argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"bench_parts: the {side} side failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def compare_parts(config_argv: list[str], rounds: int, calls: int) -> list[dict]:
+    """Each round times both sides, one process each, the first side alternating by round."""
+    samples = {"layerjax": [], "torch": []}
+    for index in range(rounds):
+        for side in (("layerjax", "torch") if index % 2 == 0 else ("torch", "layerjax")):
+            samples[side].append(run_side(side, config_argv, calls))
     rows = []
-    for name, (mine, ref) in samples.items():
-        count = ours[name][0]
-        rows.append({"part": name, "per_step": count, "layerjax_ms": count * statistics.median(mine),
-                     "torch_ms": count * statistics.median(ref)})
+    for name, (count, _) in samples["layerjax"][0].items():
+        median = lambda side: count * statistics.median(times[name][1] for times in samples[side])
+        rows.append({"part": name, "per_step": count, "layerjax_ms": median("layerjax"), "torch_ms": median("torch")})
     return rows
 
 
@@ -263,8 +281,12 @@ def main(argv=None) -> list[dict]:
     add_config_args(parser)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
     parser.add_argument("--calls", type=int, default=10, help="timed calls per part and round (default: %(default)s)")
+    parser.add_argument("--side", choices=("layerjax", "torch"), help=argparse.SUPPRESS)  # one side's process
     args = parser.parse_intermixed_args(argv)
     cfg = config_from_args(args)
+    if args.side:
+        print(json.dumps(side_times(cfg, args.side, args.calls)))
+        return []
     mismatches = reference_mismatches(cfg)
     if mismatches:
         sys.exit("bench_parts: the parts follow torch_ref.py's model; this config differs: " + "; ".join(mismatches))
@@ -272,7 +294,7 @@ def main(argv=None) -> list[dict]:
         sys.exit(f"bench_parts: needs {TORCH_REF} (the PyTorch reference); it is not there")
     if importlib.util.find_spec("torch") is None:
         sys.exit("bench_parts: needs PyTorch (pip install torch==2.13.0, the CPU build)")
-    rows = compare_parts(cfg, args.rounds, args.calls)
+    rows = compare_parts(["-c", args.config, *args.overrides], args.rounds, args.calls)
     print(format_rows(rows))
     return rows
 
