@@ -240,8 +240,7 @@ def side_times(cfg, side: str, calls: int) -> dict:
 
 
 def run_side(side: str, config_argv: list[str], calls: int) -> dict:
-    """`side_times` in a fresh process. Each side runs alone: in one process the two libraries'
-    worker threads slowed both steps (PyTorch's from 1,262 to 1,102 tokens/s on bench_cpu)."""
+    """`side_times` in a fresh process (see the module docstring for why the sides never share one)."""
     out = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side,
                           "--calls", str(calls), *config_argv], capture_output=True, text=True)
     if out.returncode != 0:
@@ -253,7 +252,7 @@ def compare_parts(config_argv: list[str], rounds: int, calls: int) -> list[dict]
     """Each round times both sides, one process each, the first side alternating by round."""
     samples = {"layerjax": [], "torch": []}
     for index in range(rounds):
-        for side in (("layerjax", "torch") if index % 2 == 0 else ("torch", "layerjax")):
+        for side in bench.round_order(index):  # the ABBA order of --compare-torch
             samples[side].append(run_side(side, config_argv, calls))
     rows = []
     for name, (count, _) in samples["layerjax"][0].items():
