@@ -50,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sft.template": ("simple", "jinja"),
     "data.sft.overlong": ("drop", "truncate", "error"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "optim.update_impl": ("auto", "optax", "cpu_kernel"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp", "tp", "custom"),
     "train.on_nonfinite": ("stop", "skip"),
 }
@@ -305,6 +306,10 @@ class OptimConfig:
     # Parameter kinds spared from weight decay: any of "norm", "bias", "embed".
     no_decay: tuple[str, ...] = ("norm", "bias")
     clip_norm: float = 1.0  # gradients are scaled down to at most this global norm; 0: no clipping
+    # How the update is computed (the same AdamW): "optax" its chain, jitted; "cpu_kernel" a two-pass
+    # C++ kernel through XLA's FFI, compiled on first use (needs a C++ compiler; float32 parameters,
+    # CPU, one device); "auto" cpu_kernel where it applies and builds, else optax.
+    update_impl: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -763,6 +768,9 @@ def validate(cfg: Config) -> None:
     if m.canon_impl == "cpu_kernel" and m.canon and m.dtype != "float32":
         raise ConfigError(f"model.canon_impl='cpu_kernel' computes in float32 and model.dtype={m.dtype!r}; "
                           "use model.canon_impl=auto (xla where the kernel does not apply)")
+    if o.update_impl == "cpu_kernel" and m.param_dtype != "float32" and m.adapter.kind == "none":
+        raise ConfigError(f"optim.update_impl='cpu_kernel' updates float32 parameters and model.param_dtype="
+                          f"{m.param_dtype!r}; use optim.update_impl=auto (optax where the kernel does not apply)")
     if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
         raise ConfigError(f"model.attention_impl='cudnn' (flash attention) computes in half precision; set "
                           f"model.dtype=bfloat16 (now {m.dtype!r}) or use model.attention_impl=auto")

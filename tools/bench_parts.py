@@ -118,7 +118,7 @@ def jax_parts(cfg) -> dict:
     grads = jax.tree.map(lambda p: normal(*p.shape, scale=1e-3, dtype=p.dtype), state.params)
     # A second state for the whole step (both are donated), copied through the host: no compile.
     stepped = [jax.device_put(jax.device_get(state), setup.state_shardings)]
-    update = jax.jit(lambda st, g: apply_gradients(st, g, jnp.float32(1.0), setup.tx, cfg.model), donate_argnums=0)
+    update = jax.jit(lambda st, g: apply_gradients(st, g, jnp.float32(1.0), setup.tx, setup.schedule, cfg), donate_argnums=0)
     current = [state]
 
     def optimizer():

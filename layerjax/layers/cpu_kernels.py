@@ -1,11 +1,13 @@
-"""layerjax's C++ CPU kernels (canon_cpu.cc, attention_cpu.cc): built, loaded and registered with
-XLA's FFI here, and called from JAX by canon_kernel.py and attention_cpu.py.
+"""layerjax's C++ CPU kernels (canon_cpu.cc, attention_cpu.cc, adamw_cpu.cc): built, loaded and
+registered with XLA's FFI here, and called from JAX by canon_kernel.py, attention_cpu.py and
+layerjax/train/adamw_kernel.py.
 
 The library is compiled on first use with the machine's C++ compiler against the FFI headers that
 jaxlib ships, and cached under ~/.cache/layerjax/kernels (LAYERJAX_KERNEL_CACHE overrides), keyed
 by the sources, the jaxlib version and the CPU's instruction set. Where there is no compiler, or the
-build fails, `unavailable_reason()` says why and the layers keep their pure-JAX forms, which agree
-with the kernels to float32 rounding (tests/test_canon_kernel.py, tests/test_attention_cpu.py).
+build fails, `unavailable_reason()` says why and the layers (and the optimizer) keep their pure-JAX
+forms, which agree with the kernels to float32 rounding (tests/test_canon_kernel.py,
+tests/test_attention_cpu.py, tests/test_adamw_kernel.py).
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ import jax.numpy as jnp
 from layerjax.sharding import devices_in_play
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "canon_cpu.cc", HERE / "attention_cpu.cc"]
+SOURCES = [HERE / "canon_cpu.cc", HERE / "attention_cpu.cc", HERE / "adamw_cpu.cc"]
 HEADERS = [HERE / "cpu_parallel.h"]
 TARGETS = {"layerjax_canon_forward": "LayerjaxCanonForward",
            "layerjax_canon_backward": "LayerjaxCanonBackward",
            "layerjax_attention_forward": "LayerjaxAttentionForward",
-           "layerjax_attention_backward": "LayerjaxAttentionBackward"}
+           "layerjax_attention_backward": "LayerjaxAttentionBackward",
+           "layerjax_adamw_norm": "LayerjaxAdamwNorm",
+           "layerjax_adamw_apply": "LayerjaxAdamwApply"}
+
+
+# -fno-math-errno: sqrt need not set errno, so loops with a sqrt vectorise; -fopenmp-simd: the
+# kernels' `omp simd` pragmas (no OpenMP runtime).
+FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-w"]
 
 
 def _cpu_flags() -> str:
@@ -56,7 +65,8 @@ def _cache_dir() -> Path:
 def _build() -> Path:
     """Compiles the kernels into a shared library (once per sources, jaxlib and CPU) and returns it."""
     # jaxlib (jax's own dependency) ships the FFI headers; its version keys the build.
-    digest = hashlib.sha256(importlib.metadata.version("jaxlib").encode() + _cpu_flags().encode())
+    digest = hashlib.sha256(importlib.metadata.version("jaxlib").encode() + _cpu_flags().encode()
+                            + " ".join(FLAGS).encode())
     for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     library = _cache_dir() / f"layerjax_cpu-{digest.hexdigest()[:16]}.so"
@@ -70,8 +80,7 @@ def _build() -> Path:
     # never load a half-written library.
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-            "-o", str(partial), *map(str, SOURCES)]
+    base = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-o", str(partial), *map(str, SOURCES)]
     try:
         # -march=native vectorises for this CPU; some compilers (Apple clang on arm64) refuse it,
         # and the portable build is the fallback (without the attention kernel, which needs AVX2).
@@ -100,7 +109,7 @@ def _library() -> ctypes.CDLL | str:
 
 
 def unavailable_reason(kernel: str = "canon") -> str | None:
-    """None when `kernel` ("canon" or "attention") is built and registered, else why not."""
+    """None when `kernel` ("canon", "attention" or "adamw") is built and registered, else why not."""
     library = _library()
     if isinstance(library, str):
         return library

@@ -58,6 +58,11 @@ def decay_mask(params, no_decay: tuple[str, ...]):
     return jax.tree.map(lambda excluded: not excluded, kinds_mask(params, no_decay))
 
 
+def frozen_kinds(cfg) -> tuple[str, ...]:
+    """Parameter kinds that train with a zero update: canon weights unless model.canon_trainable."""
+    return () if cfg.model.canon_trainable else ("canon",)
+
+
 def build_optimizer(o: OptimConfig, total_steps: int, frozen: tuple[str, ...] = ()
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (+ clipping); parameters of a `frozen` kind (e.g. "canon") never change: no decay,

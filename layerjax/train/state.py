@@ -15,7 +15,7 @@ from layerjax import sharding
 from layerjax.config import Config, ConfigError
 from layerjax.model.plan import Plan, build_plan
 from layerjax.model.transformer import Transformer
-from layerjax.train.optimizer import build_optimizer
+from layerjax.train.optimizer import build_optimizer, frozen_kinds
 from layerjax.train.step import TrainState, join_trainable, make_train_step, split_trainable
 
 
@@ -74,8 +74,7 @@ def build_setup(cfg: Config) -> Setup:
     plan = build_plan(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh)
-    frozen = () if cfg.model.canon_trainable else ("canon",)
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, frozen)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, frozen_kinds(cfg))
     abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0), plan))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     abstract_state = jax.eval_shape(lambda: _make_state(cfg, plan, tx, 0))

@@ -16,7 +16,9 @@ from flax import nnx
 
 from layerjax.config import Config, exit_weights, recursion_exits
 from layerjax.model.transformer import router_stats
+from layerjax.train import adamw_kernel
 from layerjax.train.head_loss import head_losses
+from layerjax.train.optimizer import frozen_kinds
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("inputs", "positions", "segment_ids")
@@ -111,11 +113,18 @@ def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None
 
 
 def apply_gradients(state: TrainState, grads: nnx.State, loss: jax.Array, tx: optax.GradientTransformation,
-                    model_cfg) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
+                    schedule: optax.Schedule, cfg: Config) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
     """The optimizer's half of the train step: `grads` (of the trainable parameters, already
     averaged) through `tx` into the parameters, unless the loss, the gradients or the update are
-    not finite. Returns (new state, gradient norm, update norm, finite)."""
-    trainable, frozen = split_trainable(state.params, model_cfg)
+    not finite. Returns (new state, gradient norm, update norm, finite). optim.update_impl picks
+    optax's chain or the CPU kernel (adamw_kernel.py), which computes the same update on the
+    same optimizer state."""
+    trainable, frozen = split_trainable(state.params, cfg.model)
+    if adamw_kernel.use_kernel(cfg.optim, trainable):
+        trainable, opt_state, grad_norm, update_norm, finite = adamw_kernel.apply_adamw(
+            cfg.optim, schedule, frozen_kinds(cfg), trainable, grads, state.opt_state, loss)
+        return (state.replace(step=state.step + 1, params=join_trainable(trainable, frozen), opt_state=opt_state),
+                grad_norm, update_norm, finite)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = join_trainable(optax.apply_updates(trainable, updates), frozen)
@@ -161,7 +170,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         # one step (a second compile, and float32 moments for bfloat16 parameters).
         grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
         loss = stats["ce_sum"] / weight
-        new_state, grad_norm, update_norm, finite = apply_gradients(state, grads, loss, tx, cfg.model)
+        new_state, grad_norm, update_norm, finite = apply_gradients(state, grads, loss, tx, schedule, cfg)
         metrics = {"loss": loss, "z_loss": stats["z_sum"] / weight, "grad_norm": grad_norm,
                    "update_norm": update_norm, "lr": schedule(state.step), "token_accuracy": stats["correct"] / weight,
                    "finite": finite}
