@@ -195,12 +195,13 @@ class ModelConfig:
     # the layers; on CPU 3-7% faster for short stacks, but there it keeps every activation whatever
     # remat is (about twice the memory), and compile time grows with depth (README "Performance on CPU").
     scan_layers: bool = True
-    # Layers per iteration of each segment's scan; 0: the whole segment in one (no loop left). On
-    # CPU a longer body runs faster, as XLA:CPU pays per loop iteration and copies each layer's
-    # saved activations in and out of stacked buffers, but the memory grows like scan_layers=false's:
-    # bench_cpu's step 0.95x / 0.92x / 0.89x as long at 2 / 3 / 0, XLA temp 353 / 419 / 574 MiB
-    # against 304 (README "Performance on CPU"). Compile time grows with it. Same results.
-    scan_unroll: int = 1
+    # Layers per iteration of each segment's scan; 0: the whole segment in one (no loop left, so
+    # no stacked copies of saved activations); "auto": 0 on CPU for models of at most 12 layers,
+    # else 1. Without the loop XLA:CPU neither zero-fills, copies in nor copies out the stacked
+    # activations: bench_cpu's step 0.90x and the 12-layer width-768 one 0.91x as long, at 1.5x
+    # the XLA temp memory (remat has no effect there) and a compile time that grows with depth,
+    # hence the 12-layer bound (README "Performance on CPU"). Same results either way.
+    scan_unroll: int | str = "auto"
     # Rematerialisation of each layer in the backward pass: "none" keeps its activations; "full"
     # recomputes the layer; "save_matmuls" keeps the weight matmuls' outputs, recomputes the rest;
     # "save_dots" keeps attention's score and value matmuls too; "auto" is save_dots on CPU (faster
@@ -454,6 +455,13 @@ def _coerce(value, typ, key: str):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if typing.get_args(typ) == (int, str):  # a count or a word ("auto"): a number is the count
+        try:
+            return _coerce(value, int, key)
+        except ConfigError:
+            if isinstance(value, str):
+                return value
+            raise ConfigError(f"{key}: expected an integer or a word, got {value!r}") from None
     raise ConfigError(f"{key}: unsupported field type {typ}")
 
 
@@ -697,9 +705,9 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep": cfg.checkpoint.keep, "model.attention_chunk": m.attention_chunk,
         "model.attention_block": m.attention_block,
     }, lambda v: v > 0, "positive")
-    if m.scan_unroll < 0:
+    if m.scan_unroll != "auto" and (not isinstance(m.scan_unroll, int) or m.scan_unroll < 0):
         raise ConfigError(f"model.scan_unroll={m.scan_unroll} must be >= 0: layers per scan iteration, "
-                          "0 for each segment's whole stack in one")
+                          "0 for each segment's whole stack in one; or auto")
     # Cadences: 0 is how one is turned off; a negative one is a typo, not a cadence (the loop's
     # `step % n` would quietly fire every |n| steps).
     _require({"train.eval_every": t.eval_every, "checkpoint.every": cfg.checkpoint.every,

@@ -78,6 +78,8 @@ def source_docs() -> tuple[dict[tuple[str, str], str], dict[str, str]]:
 def _type_name(typ) -> str:
     if typing.get_origin(typ) is tuple:
         return "list[str]"  # tuples of strings; comma-separated on the command line
+    if typing.get_args(typ):
+        return " or ".join(t.__name__ for t in typing.get_args(typ))
     return typ.__name__
 
 

@@ -12,7 +12,7 @@ from layerjax import config_help
 from layerjax.cli import train_main
 from layerjax.config import CHOICES, AdapterConfig, Config, all_keys
 
-TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", tuple[str, ...]: "list[str]"}
+TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", tuple[str, ...]: "list[str]", int | str: "int or str"}
 
 
 def listed_keys(text: str) -> list[str]:
@@ -54,7 +54,7 @@ def test_types_defaults_and_choices_match_the_dataclasses():
         default = dataclass_value(f.key)
         shown = tomllib.loads(f"value = {f.default}")["value"]  # defaults are written as TOML values
         assert shown == (list(default) if isinstance(default, tuple) else default), f.key
-        assert type(shown) is (list if typ == tuple[str, ...] else typ), f.key
+        assert type(shown) in ((list,) if typ == tuple[str, ...] else typing.get_args(typ) or (typ,)), f.key
         assert f.choices == CHOICES.get(f.key, ()), f.key
     text = config_help.render("model")
     assert '  model.norm: str = "pre"  (one of: pre, post, mix, peri, reordered, lns, deepnorm, none)' in text

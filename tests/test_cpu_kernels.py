@@ -93,7 +93,7 @@ def test_auto_runs_the_kernels_in_a_one_device_step_only():
     def step_hlo(*overrides):
         cfg = load_config("default", ["model.vocab_size=64", "model.num_layers=2", "model.d_model=32",
                                       "model.num_heads=2", "model.canon=ABCD", "data.seq_len=16", "model.max_seq_len=16",
-                                      "data.batch_size=4", *overrides])
+                                      "data.batch_size=4", "model.scan_unroll=1", *overrides])
         setup = build_setup(cfg)
         batch = next(iter(fixed_batches(cfg, 64, steps=1)))
         return jit_train_step(setup).lower(init_state(setup, seed=0), batch).as_text()

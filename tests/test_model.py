@@ -15,7 +15,7 @@ from layerjax.layers.attention import Attention, Context
 from layerjax.layers.embed import apply_rope, rope_frequencies
 from layerjax.layers.norms import Norm
 from layerjax.model.plan import build_plan
-from layerjax.model.transformer import Transformer
+from layerjax.model.transformer import Transformer, resolve_unroll
 
 TINY = ModelConfig(vocab_size=61, num_layers=4, d_model=32, num_heads=4, num_kv_heads=2,
                    max_seq_len=32, layer_norms=("0-1:post",))
@@ -94,6 +94,25 @@ def test_scan_unroll_leaves_logits_and_grads_unchanged():
         chex.assert_trees_all_close(logits_and_grads(unroll), reference, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="model.scan_unroll=-1 must be >= 0"):
         load_config("default", ["model.scan_unroll=-1"])
+    with pytest.raises(ConfigError, match="model.scan_unroll=fast must be >= 0: .*; or auto"):
+        load_config("default", ["model.scan_unroll=fast"])
+
+
+def test_scan_unroll_auto_unrolls_short_stacks_on_cpu_only():
+    """auto: the whole segment in one body on CPU up to 12 layers (no stacked copies of saved
+    activations), one layer per iteration on accelerators and for deeper models."""
+    auto = load_config("default", ["model.num_layers=12"]).model
+    assert auto.scan_unroll == "auto" and load_config("default", ["model.scan_unroll=2"]).model.scan_unroll == 2
+    assert resolve_unroll(auto, "cpu") == 0
+    assert resolve_unroll(auto, "gpu") == resolve_unroll(auto, "tpu") == 1
+    assert resolve_unroll(dataclasses.replace(auto, num_layers=13), "cpu") == 1
+    assert resolve_unroll(dataclasses.replace(auto, scan_unroll=3), "cpu") == 3
+    # This process is CPU: the model's scan of 2 layers runs as one body.
+    m = dataclasses.replace(TINY, num_layers=2, layer_norms=(), canon="", scan_unroll="auto")
+    graph, params = nnx.split(Transformer(m, nnx.Rngs(0)), nnx.Param)
+    scans = [e for e in jax.make_jaxpr(lambda p: nnx.merge(graph, p)(tokens())[0])(params).eqns
+             if e.primitive.name == "scan"]
+    assert [e.params["unroll"] for e in scans] == [2]
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned", "none"])

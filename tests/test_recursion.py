@@ -208,7 +208,9 @@ def test_program_size_does_not_grow_with_loops():
     """Compile time flat in R: the compiled step for 8 loops is the same program as for 1 loop
     (one scan body taking its block by index); only the loop count differs."""
     def hlo_ops(loops):
-        cfg = load_config(None, [*BASE, f"model.num_layers={2 * loops}", "model.recursion.blocks=2"])
+        # One layer per iteration: model.scan_unroll=auto would unroll the 2-layer model on CPU.
+        cfg = load_config(None, [*BASE, f"model.num_layers={2 * loops}", "model.recursion.blocks=2",
+                                 "model.scan_unroll=1"])
         graph, params = split(cfg)
         step = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graph, p)(TOKENS)[0] ** 2)))
         text = step.lower(params).compile().as_text()

@@ -166,7 +166,7 @@ def temp_bytes_of_gradient(scan: bool, remat: str) -> int:
     from layerjax.model.transformer import Transformer
 
     m = dataclasses.replace(load_config("default").model, vocab_size=41, num_layers=2, max_seq_len=64, canon="",
-                            scan_layers=scan, remat=remat)
+                            scan_layers=scan, scan_unroll=1, remat=remat)
     graph, params = nnx.split(Transformer(m, nnx.Rngs(0)))
     loss = lambda params, tokens: jnp.mean(nnx.merge(graph, params)(tokens)[0])
     tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32)
@@ -182,7 +182,7 @@ def test_unrolled_layers_on_cpu_keep_every_activation_and_the_estimate_knows():
     if jax.devices()[0].platform != "cpu":
         pytest.skip("a property of XLA:CPU")
     assert temp_bytes_of_gradient(scan=False, remat="full") > 1.4 * temp_bytes_of_gradient(scan=True, remat="full")
-    scanned = resolve_vocab(load_config("default", ["model.remat=full"]), 41)
+    scanned = resolve_vocab(load_config("default", ["model.remat=full", "model.scan_unroll=1"]), 41)
     unrolled = dataclasses.replace(scanned, model=dataclasses.replace(scanned.model, scan_layers=False))
     keep_all = dataclasses.replace(scanned, model=dataclasses.replace(scanned.model, remat="none"))
     assert estimate_memory(unrolled, 1).activations == estimate_memory(keep_all, 1).activations
@@ -194,6 +194,12 @@ def test_unrolled_layers_on_cpu_keep_every_activation_and_the_estimate_knows():
     # Elsewhere the estimate counts the remat policy unrolled too (not measured on an accelerator here).
     on_gpu = shortfall(big(unrolled), estimate_memory(big(unrolled), 1), (2**20, "test memory"), "gpu")
     assert "scan_layers" not in on_gpu
+    # model.scan_unroll=auto unrolls up to 12 layers on CPU only; the fix it names is the loop.
+    auto = dataclasses.replace(scanned, model=dataclasses.replace(scanned.model, scan_unroll="auto"))
+    assert estimate_memory(auto, 1, "cpu").activations == estimate_memory(keep_all, 1).activations
+    assert estimate_memory(auto, 1, "gpu").activations == estimate_memory(scanned, 1, "gpu").activations
+    assert shortfall(big(auto), estimate_memory(big(auto), 1), (2**20, "test memory"), "cpu").endswith(
+        "or set model.scan_unroll=1 (unrolled layers on CPU keep every activation whatever model.remat)")
 
 
 def test_dry_run_shows_the_memory_estimate():

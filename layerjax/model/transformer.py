@@ -54,6 +54,22 @@ def resolve_remat(m: ModelConfig) -> str:
     return "save_matmuls" if resolve_attention_impl(m) == "chunked" else "save_dots"
 
 
+# model.scan_unroll="auto" runs stacks of up to this many layers unrolled on CPU.
+AUTO_UNROLL_MAX_LAYERS = 12
+
+
+def resolve_unroll(m: ModelConfig, platform: str | None = None) -> int:
+    """model.scan_unroll as layers per scan iteration (0: the whole segment). "auto": 0 on CPU
+    for a model of at most AUTO_UNROLL_MAX_LAYERS layers, where XLA:CPU's loop costs the step
+    ~10% in zero-filled, copied-in and copied-out stacks of saved activations; elsewhere, and for
+    deeper models (whose compile time would grow with depth), 1. platform: the backend's
+    (default: this process's first device's)."""
+    if m.scan_unroll != "auto":
+        return m.scan_unroll
+    cpu = (platform or jax.devices()[0].platform) == "cpu"
+    return 0 if cpu and m.num_layers <= AUTO_UNROLL_MAX_LAYERS else 1
+
+
 class LayerStack(nnx.Module):
     """The layers of one segment: parameters stacked on a leading `layers` axis, run by one scan.
 
@@ -210,7 +226,7 @@ class Transformer(nnx.Module):
                     new_cache.append(stack_cache)
                 continue
             x, stack_cache, stack_probes = stack(x, scalars, ctx, stack_cache, scan=m.scan_layers, remat=resolve_remat(m),
-                                                 unroll=m.scan_unroll, probe=stack_probe, skip_layer=skip_layer, depths=depths)
+                                                 unroll=resolve_unroll(m), probe=stack_probe, skip_layer=skip_layer, depths=depths)
             if cache is not None:
                 new_cache.append(stack_cache)
             probes.append(stack_probes)

@@ -21,7 +21,7 @@ from layerjax.config import Config, ConfigError, ModelConfig, d_ff, head_dim, kv
 from layerjax.layers.attention_kernels import causal_block_bounds, resolve_attention_impl
 from layerjax.layers.canon import canon_widths
 from layerjax.layers.mlp import GATED_ACTIVATIONS
-from layerjax.model.transformer import resolve_remat
+from layerjax.model.transformer import resolve_remat, resolve_unroll
 from layerjax.train.flops import adapter_matmul_params, unique_matmul_params
 
 ADAM_MOMENTS = 2  # optax.adamw keeps mu and nu, each in its parameter's dtype
@@ -74,10 +74,12 @@ def _split(rules: dict, sizes: dict[str, int], logical: str) -> int:
     return math.prod(sizes[axis] for axis in rules.get(logical, ()))
 
 
-def estimate_memory(cfg: Config, device_count: int | None = None) -> MemoryEstimate:
+def estimate_memory(cfg: Config, device_count: int | None = None, platform: str | None = None) -> MemoryEstimate:
     """Bytes per device of one train step under cfg's mesh. device_count: the devices the mesh is
-    laid over (default: mesh.num_devices, or all of them). model.vocab_size=0 (not yet taken from
-    the data) counts no embedding; resolve it first for the full estimate."""
+    laid over (default: mesh.num_devices, or all of them); platform: the backend it runs on
+    (default: this process's), which decides what model.remat and model.scan_unroll=auto keep.
+    model.vocab_size=0 (not yet taken from the data) counts no embedding; resolve it first for
+    the full estimate."""
     m = cfg.model
     count = device_count or cfg.mesh.num_devices or jax.device_count()
     sizes = sharding.mesh_sizes(cfg.mesh, count)
@@ -97,31 +99,34 @@ def estimate_memory(cfg: Config, device_count: int | None = None) -> MemoryEstim
         params=params // width_split,
         grads=(1 + accumulator) * trainable_bytes // width_split,
         optimizer=ADAM_MOMENTS * trainable_bytes // width_split,
-        activations=_activation_bytes(cfg, _split(rules, sizes, "batch"), _split(rules, sizes, "heads"), count),
+        activations=_activation_bytes(cfg, _split(rules, sizes, "batch"), _split(rules, sizes, "heads"), count,
+                                      platform),
         devices_per_host=min(count, jax.local_device_count()),
     )
 
 
-def kept_activations(m: ModelConfig) -> str:
+def kept_activations(m: ModelConfig, platform: str | None = None) -> str:
     """Which remat policy the compiled step follows in effect: model.remat as resolved, except
     for layers run unrolled (model.scan_layers=false) on CPU, which keep every activation whatever
     the policy. XLA:CPU drops the optimisation barriers that hold each recomputation back until
     the backward pass (none is left in the compiled step), so the recomputation merges with the
     forward: unrolled bench_cpu keeps 736 MiB of XLA temp under none, full and save_dots alike,
     against 364 MiB scanned with save_dots. Inside a scan the loop keeps the two apart."""
-    return "none" if remat_ignored(m) else resolve_remat(m)
+    return "none" if remat_ignored(m, platform) else resolve_remat(m)
 
 
 def remat_ignored(m: ModelConfig, platform: str | None = None) -> bool:
     """Whether model.remat has no effect: layers unrolled on CPU (see `kept_activations`), by
-    scan_layers=false or by a scan body that holds the whole stack (model.scan_unroll: 574 MiB of
-    XLA temp for bench_cpu either way). platform: the backend's (default: this process's first
+    scan_layers=false or by a scan body that holds the whole stack (model.scan_unroll, which "auto"
+    sets to 0 on CPU for up to 12 layers: bench_cpu's XLA temp 457 against 295 MiB scanned). platform: the backend's (default: this process's first
     device's)."""
-    unrolled = not m.scan_layers or m.scan_unroll == 0 or m.scan_unroll >= m.num_layers
-    return unrolled and (platform or jax.devices()[0].platform) == "cpu"
+    platform = platform or jax.devices()[0].platform
+    unroll = resolve_unroll(m, platform)
+    unrolled = not m.scan_layers or unroll == 0 or unroll >= m.num_layers
+    return unrolled and platform == "cpu"
 
 
-def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int, devices: int) -> int:
+def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int, devices: int, platform: str | None) -> int:
     """What the backward pass keeps for one microbatch on one device: per layer, the tensors a
     pre-norm block saves (model.remat=none), only the matmul outputs (save_matmuls; save_dots
     adds attention's), or only the layer input plus one layer recomputed at a time (full); and
@@ -157,7 +162,7 @@ def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int, devices:
     saved = {"none": m.num_layers * whole_layer,
              "save_matmuls": m.num_layers * matmul_outputs + whole_layer,
              "save_dots": m.num_layers * (matmul_outputs + attention_dots) + whole_layer,
-             "full": m.num_layers * d * itemsize + whole_layer}[kept_activations(m)]
+             "full": m.num_layers * d * itemsize + whole_layer}[kept_activations(m, platform)]
     # float32 logits and their gradient: of every position, or of one block of model.loss_chunk
     # positions (the backward pass recomputes each block from the residual stream).
     logit_positions = min(seq, m.loss_chunk) if m.loss_chunk else seq
@@ -193,7 +198,8 @@ def shortfall(cfg: Config, estimate: MemoryEstimate, limit: tuple[int, str] | No
     if estimate.activations > estimate.params + estimate.grads + estimate.optimizer:
         fixes = "lower data.batch_size or data.seq_len, raise train.microbatches"
         if remat_ignored(m, platform):
-            fixes += ", or set model.scan_layers=true (unrolled layers on CPU keep every activation whatever model.remat)"
+            scan = "model.scan_layers=true" if not m.scan_layers else "model.scan_unroll=1"
+            fixes += f", or set {scan} (unrolled layers on CPU keep every activation whatever model.remat)"
         elif resolve_remat(m) != "full":
             fixes += ", or set model.remat=full"
     else:
