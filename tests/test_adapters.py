@@ -286,7 +286,9 @@ def test_lora_fine_tune_exports_merged_and_loads_in_transformers(tmp_path):
 
 def test_a_short_fine_tune_beats_the_frozen_base_on_a_generated_task(tmp_path):
     """LoRA on a frozen random base learns to copy one letter of four (chance 0.25) in 150 steps;
-    the frozen base itself (step 0: fresh adapters change nothing) gets none right."""
+    the frozen base itself (step 0: fresh adapters change nothing) gets none right. At lr 3e-3 it
+    gets all right whether the layers are scanned or unrolled, with or without remat; at 1e-2 the
+    float32 rounding of those variants (gradients equal to 7e-7) moved it between 0.16 and 0.84."""
     from layerjax.data.sft_tasks import make_records
     from layerjax.train.loop import train
     from layerjax.train.metrics import read_metrics
@@ -297,9 +299,9 @@ def test_a_short_fine_tune_beats_the_frozen_base_on_a_generated_task(tmp_path):
         "model.num_layers=2", "model.d_model=64", "model.num_heads=2", "model.canon=", "model.max_seq_len=64",
         "data.source=sft", f"data.paths={tmp_path / 'copy.jsonl'}", "data.seq_len=64", "data.batch_size=16",
         "data.val_fraction=0.05", "data.num_eval_batches=2", "model.adapter.kind=lora", "model.adapter.dropout=0",
-        "optim.lr=1e-2", "optim.warmup_steps=0", "train.steps=150", "train.eval_every=150", "train.log_every=50",
+        "optim.lr=3e-3", "optim.warmup_steps=0", "train.steps=150", "train.eval_every=150", "train.log_every=50",
         "checkpoint.every=0", "logging.progress=false", "logging.tensorboard=false", "mesh.num_devices=1",
         f"train.run_dir={tmp_path / 'run'}"])
     train(cfg)
     before, after = (row["accuracy"] for row in read_metrics(tmp_path / "run", "eval"))
-    assert before <= 0.05 and after >= 0.45, (before, after)
+    assert before <= 0.05 and after >= 0.9, (before, after)
