@@ -5,7 +5,7 @@
 // Why: XLA:CPU runs attention's small batched matmuls ([heads, 256, 64] x [heads, 64, 256] at
 // bench_cpu) at 16-50 GFLOP/s, about half of its rate on the weight matmuls, and materialises the
 // whole score matrix. Here each (batch, head) walks its queries four rows at a time: the rows'
-// scores against every key they may see (register-tiled AVX2 FMAs against a transposed copy of
+// scores against every key they may see (register-tiled AVX2 or AVX-512 FMAs against a transposed copy of
 // K), a masked softmax in registers, and the rows' output, so scores never leave the cache and
 // keys past a row's last visible one are never touched (the causal upper triangle is skipped).
 // The forward keeps each row's log-sum-exp; the backward recomputes the probabilities from it and
@@ -73,6 +73,77 @@ inline __m256 MaskLanes(const uint8_t* m) {
   const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
 }
+
+#if defined(__AVX512F__)
+// AVX-512: one 16-float vector per row of a 16-wide tile, two tiles side by side where they fit, so
+// that eight accumulators hide the FMA latency as the AVX2 form's do. Each output is the same
+// sequence of FMAs as in the AVX2 form, so both give the same bits.
+
+// o[r][16n + c] = sum_k a[r * a_stride + k] * b[k * b_stride + 16n + c], r < 4, k < inner, for N
+// tiles of 16 columns: the micro-kernel of both ScoresTile (a: q rows, b: K transposed) and MixTile
+// (a: probability rows, b: V).
+template <int N>
+inline void RowsTimesColumns(const float* a, int64_t a_stride, int64_t inner, const float* b, int64_t b_stride,
+                             float* o, int64_t o_stride) {
+  __m512 c[kRows][N];
+  for (int r = 0; r < kRows; ++r)
+    for (int n = 0; n < N; ++n) c[r][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < inner; ++k, b += b_stride) {
+    __m512 bv[N];
+    for (int n = 0; n < N; ++n) bv[n] = _mm512_loadu_ps(b + 16 * n);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * a_stride + k]);
+      for (int n = 0; n < N; ++n) c[r][n] = _mm512_fmadd_ps(x, bv[n], c[r][n]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int n = 0; n < N; ++n) _mm512_storeu_ps(o + r * o_stride + 16 * n, c[r][n]);
+}
+
+// out[r][j] = sum_d a[r][d] * bt[d][j]; r < 4, j < cols (multiple of 16, bt zero-padded).
+void ScoresTile(const float* a, int64_t dim, const float* bt, int64_t bt_stride, int64_t cols, float* out,
+                int64_t out_stride) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * kCols <= cols; j0 += 2 * kCols)
+    RowsTimesColumns<2>(a, dim, dim, bt + j0, bt_stride, out + j0, out_stride);
+  for (; j0 < cols; j0 += kCols) RowsTimesColumns<1>(a, dim, dim, bt + j0, bt_stride, out + j0, out_stride);
+}
+
+// out[r][d] = sum_j p[r][j] * v[j][d]; r < 4, d < dim (multiple of 16); v's rows v_stride apart.
+void MixTile(const float* p, int64_t p_stride, int64_t keys, const float* v, int64_t v_stride, int64_t dim,
+             float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * kCols <= dim; d0 += 2 * kCols)
+    RowsTimesColumns<2>(p, p_stride, keys, v + d0, v_stride, out + d0, dim);
+  for (; d0 < dim; d0 += kCols) RowsTimesColumns<1>(p, p_stride, keys, v + d0, v_stride, out + d0, dim);
+}
+
+template <int N>
+inline void OuterBlock(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* a,
+                       int64_t acc_stride) {
+  __m512 xv[kRows][N];
+  for (int r = 0; r < kRows; ++r)
+    for (int n = 0; n < N; ++n) xv[r][n] = _mm512_loadu_ps(x + r * dim + 16 * n);
+  for (int64_t j = 0; j < keys; ++j, a += acc_stride) {
+    __m512 acc[N];
+    for (int n = 0; n < N; ++n) acc[n] = _mm512_loadu_ps(a + 16 * n);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * p_stride + j]);
+      for (int n = 0; n < N; ++n) acc[n] = _mm512_fmadd_ps(w, xv[r][n], acc[n]);
+    }
+    for (int n = 0; n < N; ++n) _mm512_storeu_ps(a + 16 * n, acc[n]);
+  }
+}
+
+// acc[j][d] += sum_r p[r][j] * x[r][d]; r < 4; acc's rows acc_stride apart.
+void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc,
+               int64_t acc_stride) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * kCols <= dim; d0 += 2 * kCols) OuterBlock<2>(p, p_stride, keys, x + d0, dim, acc + d0, acc_stride);
+  for (; d0 < dim; d0 += kCols) OuterBlock<1>(p, p_stride, keys, x + d0, dim, acc + d0, acc_stride);
+}
+
+#else  // AVX2: two 8-float vectors per row of a 16-wide tile
 
 // out[r][j] = sum_d a[r][d] * bt[d][j]; r < 4, j < cols (multiple of 16, bt zero-padded).
 void ScoresTile(const float* a, int64_t dim, const float* bt, int64_t bt_stride, int64_t cols, float* out,
@@ -147,6 +218,8 @@ void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, i
     }
   }
 }
+
+#endif  // __AVX512F__
 
 // batch, query heads, tokens (queries = keys), head dim, kv heads, query heads per kv head, keys
 // rounded up to 16 (the mask's and the score rows' stride), floats per token in qkv (row) and in o
