@@ -207,7 +207,8 @@ class ModelConfig:
     # "save_dots" keeps attention's score and value matmuls too; "auto" is save_dots on CPU (faster
     # there than keeping everything, README "Performance on CPU") and none on accelerators. No
     # effect on CPU where the layers run unrolled (scan_layers=false, or scan_unroll covering the
-    # stack, as auto does up to 12 layers): XLA:CPU merges the recomputation back into the forward.
+    # stack, as auto does up to 12 layers): XLA:CPU merges the recomputation back into the forward,
+    # so "auto" is none there.
     remat: str = "auto"
     dtype: str = "float32"  # compute dtype; norm statistics, softmax and RoPE angles stay float32
     param_dtype: str = "float32"  # dtype parameters (and so the optimizer state) are stored in

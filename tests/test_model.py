@@ -199,8 +199,13 @@ def test_auto_remat_is_save_dots_on_cpu_and_explicit_choices_pass_through():
     from layerjax.model.transformer import resolve_remat
 
     assert jax.devices()[0].platform == "cpu" and TINY.remat == "auto"
-    assert resolve_remat(TINY) == "save_dots"
+    scanned = dataclasses.replace(TINY, scan_unroll=1)
+    assert resolve_remat(scanned) == "save_dots"
     # save_dots would keep the chunked kernel's score blocks (test_attention_impl checks the memory)
-    assert resolve_remat(dataclasses.replace(TINY, attention_impl="chunked")) == "save_matmuls"
+    assert resolve_remat(dataclasses.replace(scanned, attention_impl="chunked")) == "save_matmuls"
+    # Unrolled on CPU (scan_unroll=auto up to 12 layers, or scan_layers=false) XLA merges any
+    # recomputation back into the forward: auto keeps no checkpoint there.
+    assert resolve_remat(TINY) == resolve_remat(dataclasses.replace(scanned, scan_layers=False)) == "none"
+    assert resolve_remat(dataclasses.replace(TINY, num_layers=13)) == "save_dots"
     explicit = ("none", "full", "save_matmuls", "save_dots")
     assert [resolve_remat(dataclasses.replace(TINY, remat=r)) for r in explicit] == list(explicit)

@@ -45,13 +45,23 @@ def resolve_remat(m: ModelConfig) -> str:
     work instead of storing it, and was faster there than keeping everything (bench_cpu ~+15%:
     storing costs more memory traffic and page faults than recomputing) and than recomputing
     attention's matmuls too (save_matmuls, ~5%); but save_matmuls with the chunked kernel,
-    whose score blocks save_dots would keep, and memory would grow quadratically again;
-    elsewhere none."""
+    whose score blocks save_dots would keep, and memory would grow quadratically again; and none
+    where the layers run unrolled on CPU (see `layers_unrolled`): XLA:CPU merges any
+    recomputation back into the forward there, and the checkpoint would only add its no-op
+    reduce-precision ops (6 ms of bench_cpu's step); elsewhere none."""
     if m.remat != "auto":
         return m.remat
-    if jax.devices()[0].platform != "cpu":
+    platform = jax.devices()[0].platform
+    if platform != "cpu" or layers_unrolled(m, platform):
         return "none"
     return "save_matmuls" if resolve_attention_impl(m) == "chunked" else "save_dots"
+
+
+def layers_unrolled(m: ModelConfig, platform: str | None = None) -> bool:
+    """Whether the layers run as straight-line code, with no loop: scan_layers=false, or a scan
+    body that holds the whole stack (model.scan_unroll, resolved for `platform`)."""
+    unroll = resolve_unroll(m, platform)
+    return not m.scan_layers or unroll == 0 or unroll >= m.num_layers
 
 
 # model.scan_unroll="auto" runs stacks of up to this many layers unrolled on CPU.

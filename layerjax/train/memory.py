@@ -21,7 +21,7 @@ from layerjax.config import Config, ConfigError, ModelConfig, d_ff, head_dim, kv
 from layerjax.layers.attention_kernels import causal_block_bounds, resolve_attention_impl
 from layerjax.layers.canon import canon_widths
 from layerjax.layers.mlp import GATED_ACTIVATIONS
-from layerjax.model.transformer import resolve_remat, resolve_unroll
+from layerjax.model.transformer import layers_unrolled, resolve_remat
 from layerjax.train.flops import adapter_matmul_params, unique_matmul_params
 
 ADAM_MOMENTS = 2  # optax.adamw keeps mu and nu, each in its parameter's dtype
@@ -121,9 +121,7 @@ def remat_ignored(m: ModelConfig, platform: str | None = None) -> bool:
     sets to 0 on CPU for up to 12 layers: bench_cpu's XLA temp 457 against 295 MiB scanned). platform: the backend's (default: this process's first
     device's)."""
     platform = platform or jax.devices()[0].platform
-    unroll = resolve_unroll(m, platform)
-    unrolled = not m.scan_layers or unroll == 0 or unroll >= m.num_layers
-    return unrolled and platform == "cpu"
+    return platform == "cpu" and layers_unrolled(m, platform)
 
 
 def _activation_bytes(cfg: Config, batch_split: int, tensor_split: int, devices: int, platform: str | None) -> int:
