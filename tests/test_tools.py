@@ -69,6 +69,21 @@ def test_bench_reports_every_measure(tmp_path):
     assert json.loads(out.read_text())["mfu"] == result["mfu"]
 
 
+def test_bench_versus_times_each_variant_against_the_config_in_one_process(capsys):
+    bench = load_tool("bench")
+    base = ["-c", "default", *TINY, "model.vocab_size=64"]
+    result = bench.main([*base, "--versus", "data.batch_size=16", "--rounds", "2", "--steps", "1", "--warmup", "0"])
+    assert list(result) == ["baseline", "data.batch_size=16", "baseline again"]
+    assert result["baseline"]["ratio_median"] == result["baseline"]["ratio_min"] == 1.0
+    doubled = result["data.batch_size=16"]  # the variant's overrides apply on top of the config's
+    assert doubled["xla_temp_mib"] > result["baseline"]["xla_temp_mib"] and doubled["ratio_median"] > 0
+    assert "| data.batch_size=16 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--versus 'model.remat=sometimes': config error: model.remat='sometimes'"):
+        bench.main([*base, "--versus", "model.remat=sometimes", "--rounds", "1", "--steps", "1"])
+    with pytest.raises(SystemExit):  # two different comparisons at once
+        bench.main([*base, "--versus", "data.batch_size=16", "--compare-torch", "2"])
+
+
 def test_greedy_generation_matches_full_forward():
     cfg = load_config("default", [*TINY, "model.vocab_size=50"]).model
     model = Transformer(cfg, nnx.Rngs(0))

@@ -16,6 +16,12 @@ Measures, on random tokens of the config's batch shape (the data pipeline is not
   peak host memory (max RSS).
 `--steps 0` compiles against the state's shapes only and reports compile time and memory: how to
 size a config too big to run here.
+
+`--versus OVERRIDES` (repeatable) times variants of the config against it in one process, in
+alternating rounds, and reports each one's per-round step-time ratio to the config's, with a
+second copy of the config as the noise floor: the paired A/B behind the README's performance
+decisions, e.g. `tools/bench.py -c bench_cpu --versus model.scan_unroll=1 --rounds 10 --steps 3`.
+`--compare-torch` runs the PyTorch reference beside it instead.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from layerjax.allocator import current_allocator  # noqa: E402
 from layerjax.cli import add_config_args, config_from_args  # noqa: E402
+from layerjax.config import ConfigError, load_config  # noqa: E402
 from layerjax.train.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from layerjax.sharding import per_device_bytes  # noqa: E402
 from layerjax.train.state import build_setup, init_state, jit_train_step, resolve_vocab  # noqa: E402
@@ -53,17 +60,22 @@ def random_batch(cfg, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
             "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
 
 
-def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None) -> dict:
+def compiled_step(cfg, with_state: bool = True):
+    """(cfg with its vocabulary resolved, setup, compiled train step, state, batch, compile seconds)
+    for a config, on random tokens. with_state=False compiles against the state's shapes alone:
+    nothing the size of the model is allocated."""
     vocab = cfg.model.vocab_size or cfg.data.synthetic_vocab
     cfg = resolve_vocab(cfg, vocab)
     setup = build_setup(cfg)
-    # --steps 0 compiles against the state's shapes alone: nothing the size of the model is allocated.
-    state = init_state(setup, cfg.train.seed) if steps > 0 else setup.abstract_state
+    state = init_state(setup, cfg.train.seed) if with_state else setup.abstract_state
     batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in random_batch(cfg, vocab).items()}
-    step_fn = jit_train_step(setup)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+    compiled = jit_train_step(setup).lower(state, batch).compile()
+    return cfg, setup, compiled, state, batch, time.perf_counter() - start
+
+
+def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None) -> dict:
+    cfg, setup, compiled, state, batch, compile_s = compiled_step(cfg, with_state=steps > 0)
     result = {
         "config": f"{cfg.model.num_layers}L d{cfg.model.d_model} h{cfg.model.num_heads} "
                   f"ff{cfg.model.d_ff} v{cfg.model.vocab_size} seq{cfg.data.seq_len} b{cfg.data.batch_size} "
@@ -199,6 +211,67 @@ def compare_torch(args, rounds: int) -> dict:
     return result
 
 
+def compare_variants(args, variants: list[str], rounds: int) -> dict:
+    """Times the config's train step (the baseline) and each variant of it (comma-separated
+    overrides on top of the config's) in this one process, in rounds that alternate their order
+    (ABBA), `--steps` steps each per round. A second copy of the baseline runs alongside as the
+    noise floor. Reports per variant the median step time, the median and range of its per-round
+    ratio to the baseline's step time (below 1: faster), its compile time and XLA temp memory.
+    Every variant's state is alive at once: for configs that fit in memory several times over."""
+    names = ["baseline", *variants, "baseline again"]
+    configs = {}
+    for name in names:  # every variant's config is checked before anything compiles
+        extra = [] if name.startswith("baseline") else [o for o in name.split(",") if o]
+        try:
+            configs[name] = load_config(args.config, [*args.overrides, *extra])
+        except ConfigError as error:
+            sys.exit(f"bench: --versus {name!r}: config error: {error}")
+    runs = {}
+    for name, cfg in configs.items():
+        cfg, setup, compiled, state, batch, compile_s = compiled_step(cfg)
+        memory = compiled.memory_analysis()
+        runs[name] = {"compiled": compiled, "state": state, "batch": batch, "compile_s": compile_s, "times": [],
+                      "xla_temp_mib": None if memory is None else memory.temp_size_in_bytes / 2**20}
+        print(f"compiled {name} in {compile_s:.1f} s", flush=True)
+
+    def time_steps(run, count: int) -> float:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            run["state"], metrics = run["compiled"](run["state"], run["batch"])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    for run in runs.values():
+        if args.warmup:
+            time_steps(run, args.warmup)
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            runs[name]["times"].append(time_steps(runs[name], max(args.steps, 1)))
+        print(f"round {i + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * runs[n]['times'][-1]:.1f} ms" for n in names),
+              flush=True)
+    base = runs["baseline"]["times"]
+    result = {}
+    for name in names:
+        ratios = [t / b for t, b in zip(runs[name]["times"], base)]
+        result[name] = {"step_ms_median": 1e3 * statistics.median(runs[name]["times"]),
+                        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                        "compile_s": runs[name]["compile_s"], "xla_temp_mib": runs[name]["xla_temp_mib"]}
+    print(format_variants(result, rounds))
+    return result
+
+
+def format_variants(result: dict, rounds: int) -> str:
+    rows = ["| variant | step, median | step time / baseline's, per round: median (range) | compile | XLA temp |",
+            "|---|---|---|---|---|"]
+    for name, r in result.items():
+        temp = "" if r["xla_temp_mib"] is None else f"{r['xla_temp_mib']:.0f} MiB"
+        rows.append(f"| {name} | {r['step_ms_median']:.1f} ms | {r['ratio_median']:.3f} ({r['ratio_min']:.3f}-"
+                    f"{r['ratio_max']:.3f}) | {r['compile_s']:.1f} s | {temp} |")
+    return "\n".join(rows) + f"\n({rounds} rounds; 'baseline again' shows the noise)"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description="Time the jitted train step of a config on random tokens of its batch shape: compile time, "
@@ -216,8 +289,17 @@ def main(argv=None) -> dict:
                         help="run this bench and ../shared/bench/torch_ref.py on the same shape, alternating, "
                              "ROUNDS times each (default 3), and print the median tokens/s, their ratio, and "
                              "the median and range of the per-round ratios")
+    parser.add_argument("--versus", action="append", default=[], metavar="OVERRIDES",
+                        help="a variant to time against the config in this one process, alternating: "
+                             "comma-separated overrides, e.g. model.scan_unroll=1,model.remat=none; "
+                             "repeat for several; --rounds rounds of --steps steps each")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of --versus (default: %(default)s)")
     args = parser.parse_intermixed_args(argv)
-    if args.compare_torch:
+    if args.versus and args.compare_torch:
+        parser.error("--versus and --compare-torch are separate comparisons; run them one at a time")
+    if args.versus:
+        result = compare_variants(args, args.versus, args.rounds)
+    elif args.compare_torch:
         result = compare_torch(args, args.compare_torch)
     else:
         result = bench(config_from_args(args), args.steps, args.warmup, args.peak_flops)
