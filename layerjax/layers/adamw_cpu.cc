@@ -146,14 +146,23 @@ ffi::Error AdamwApply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad, ffi::Buf
 
 }  // namespace
 
+namespace {
+
+// Both passes take the same inputs: the thread pool, grad, param, mu, nu and the step's coefficients.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()    // grad
+      .Arg<ffi::Buffer<ffi::F32>>()    // param
+      .Arg<ffi::Buffer<ffi::F32>>()    // mu
+      .Arg<ffi::Buffer<ffi::F32>>()    // nu
+      .Arg<ffi::Buffer<ffi::F32>>();   // step coefficients
+}
+
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAdamwNorm, AdamwNorm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // grad
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // param
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mu
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // nu
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // step coefficients
+                              BindInputs()
                                   .Ret<ffi::Buffer<ffi::F32>>()   // the update's sum of squares
                                   .Attr<float>("b1")
                                   .Attr<float>("b2")
@@ -161,13 +170,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAdamwNorm, AdamwNorm,
                                   .Attr<float>("weight_decay"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerjaxAdamwApply, AdamwApply,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // grad
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // param
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mu
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // nu
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // step coefficients
+                              BindInputs()
                                   .Ret<ffi::Buffer<ffi::F32>>()   // param (aliases the input)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // mu (aliases the input)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // nu (aliases the input)

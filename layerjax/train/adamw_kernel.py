@@ -61,21 +61,22 @@ def apply_adamw(o: OptimConfig, schedule: optax.Schedule, frozen_kinds: tuple[st
     frozen = kinds_mask(trainable, frozen_kinds) if frozen_kinds else jax.tree.map(lambda _: False, trainable)
     # A frozen kind's moments still follow its gradient (as in the chain); its update is zero.
     rates_of = lambda decay: {"b1": o.b1, "b2": o.b2, "eps": o.eps, "weight_decay": o.weight_decay if decay else 0.0}
-    live = coefficients(lr, 1.0)
-    still = coefficients(0.0, 1.0)
+    # Each pass's coefficients, for live and for frozen parameters (learning rate 0); the norm
+    # pass runs before `finite` is known, and the apply pass writes only when it is true.
+    steps = lambda finite: {False: coefficients(lr, finite), True: coefficients(0.0, finite)}
+    norm_steps = steps(1.0)
 
     def squares(g, p, m, v, decay, is_frozen):
         return _call("layerjax_adamw_norm", jax.ShapeDtypeStruct((), jnp.float32), g, p, m, v,
-                     still if is_frozen else live, rates_of(decay))
+                     norm_steps[is_frozen], rates_of(decay))
 
     update_norm = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(squares, grads, trainable, mu, nu, decays, frozen))))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    flag = finite.astype(jnp.float32)
-    live, still = coefficients(lr, flag), coefficients(0.0, flag)
+    apply_steps = steps(finite.astype(jnp.float32))
 
     def apply(g, p, m, v, decay, is_frozen):
         shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (p, m, v))
-        return _call("layerjax_adamw_apply", shapes, g, p, m, v, still if is_frozen else live, rates_of(decay),
+        return _call("layerjax_adamw_apply", shapes, g, p, m, v, apply_steps[is_frozen], rates_of(decay),
                      input_output_aliases={1: 0, 2: 1, 3: 2})
 
     out = jax.tree.map(apply, grads, trainable, mu, nu, decays, frozen)
