@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from layerjax.config import ConfigError, load_config
-from layerjax.train.head_loss import cross_entropy, head_losses
+from layerjax.train.head_loss import cross_entropy, head_losses, target_is_top
 from layerjax.train.memory import estimate_memory
 from layerjax.train.state import build_setup, init_state, jit_train_step
 from multiprocess_worker import fixed_batches
@@ -60,6 +60,29 @@ def test_a_train_step_with_blockwise_loss_equals_the_whole_head():
     # lr-sized differences, so the tolerance is absolute, well below lr (3e-3).
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(block_params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_target_is_top_is_argmax_equals_target_and_counts_ties_as_hits():
+    logits = jax.random.normal(jax.random.key(1), (2, 50, 7))
+    targets = jax.random.randint(jax.random.key(2), (2, 50), 0, 7)
+    np.testing.assert_array_equal(target_is_top(logits, targets), jnp.argmax(logits, -1) == targets)
+    tied = jnp.array([[[1.0, 3.0, 3.0, 0.0]]] * 3).reshape(1, 3, 4)
+    np.testing.assert_array_equal(target_is_top(tied, jnp.array([[1, 2, 3]])), [[True, True, False]])
+
+
+def test_the_train_steps_accuracy_counts_targets_that_are_the_models_argmax():
+    from layerjax.train.step import make_eval_step
+
+    cfg = load_config("default", TINY)
+    setup = build_setup(cfg)
+    state = init_state(setup, 0)
+    batch = next(fixed_batches(cfg, 97, 1))
+    predictions = np.asarray(jax.jit(make_eval_step(setup.graphdef))(state.params, batch)["predictions"])
+    hit = np.random.default_rng(0).random(predictions.shape) < 0.6
+    weights = np.random.default_rng(1).random(predictions.shape).astype(np.float32)
+    batch = dict(batch, weights=weights, targets=np.where(hit, predictions, (predictions + 1) % 97).astype(np.int32))
+    _, metrics = jit_train_step(setup)(state, batch)
+    assert float(metrics["token_accuracy"]) == pytest.approx(np.sum(weights * hit) / np.sum(weights), rel=1e-5)
 
 
 def temp_bytes(cfg) -> int:

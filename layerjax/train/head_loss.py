@@ -16,22 +16,36 @@ import jax
 import jax.numpy as jnp
 
 
+def target_logit(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy and log-partition, [B, L] each."""
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    return log_z_BxL - target_logit_BxL, log_z_BxL
+    return log_z_BxL - target_logit(logits_BxLxV, targets_BxL), log_z_BxL
+
+
+def target_is_top(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Whether each target's logit is the largest, [B, L] bool: accuracy without the argmax. An
+    argmax is a reduction over (index, value) pairs, which XLA:CPU does not vectorise (12 ms of
+    bench_cpu's 650 ms step); a max is, and the target's logit is already gathered for the loss.
+    Differs from `argmax == target` only where the target ties another token for the top logit:
+    a hit here, a hit there only if the target is the tie's first index."""
+    return target_logit(logits_BxLxV, targets_BxL) >= jnp.max(logits_BxLxV, axis=-1)
 
 
 def head_losses(head_logits: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array, targets_BxL: jax.Array,
-                chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(cross-entropy, log-partition, argmax prediction), [B, L] each, of `head_logits` (the
-    model's final norm and head) applied to the residual stream. chunk > 0: `chunk` positions at
-    a time (the last block padded); 0 or >= L: all at once. Equal either way up to float rounding."""
+                chunk: int = 0, predict: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(cross-entropy, log-partition, predictions), [B, L] each, of `head_logits` (the model's final
+    norm and head) applied to the residual stream. predictions: the argmax token where `predict`,
+    else `target_is_top` (what a train step's accuracy needs, for less). chunk > 0: `chunk`
+    positions at a time (the last block padded); 0 or >= L: all at once. Equal either way up to
+    float rounding."""
     def block(hidden, targets):
         logits = head_logits(hidden)
         ce, log_z = cross_entropy(logits, targets)
-        return ce, log_z, jnp.argmax(logits, axis=-1)
+        return ce, log_z, jnp.argmax(logits, axis=-1) if predict else target_is_top(logits, targets)
 
     batch, length, width = hidden_BxLxD.shape
     if chunk <= 0 or chunk >= length:

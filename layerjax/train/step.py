@@ -52,8 +52,10 @@ def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
     return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
-    """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction, all [B, L], the
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None,
+                 predict: bool = True):
+    """Per-token cross-entropy, log-partition (for z-loss) and argmax prediction (with
+    predict=False: whether the target is the top logit, see `target_is_top`), all [B, L], the
     router statistics per segment with LoRA experts (see `router_stats`), and for a model with
     early exits (model.recursion.exits) their cross-entropy and predictions, [exits, B, L] each
     (else None): the stream after each exit depth read out by the shared head. The head runs
@@ -64,11 +66,12 @@ def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropou
     hidden_BxLxD, _, hidden_ExBxLxD = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                                                     probe="exits" if has_exits else None, dropout_key=dropout_key,
                                                     apply_head=False)
-    ce_BxL, log_z_BxL, predictions_BxL = head_losses(model.head_logits, hidden_BxLxD, batch["targets"], chunk)
+    ce_BxL, log_z_BxL, predictions_BxL = head_losses(model.head_logits, hidden_BxLxD, batch["targets"], chunk,
+                                                     predict)
     exits = None
     if has_exits:
         def exit_loss(hidden_BxLxD):
-            ce, _, predictions = head_losses(model.head_logits, hidden_BxLxD, batch["targets"], chunk)
+            ce, _, predictions = head_losses(model.head_logits, hidden_BxLxD, batch["targets"], chunk, predict)
             return ce, predictions
 
         # One exit at a time, so that only one exit's logits are alive at once.
@@ -88,13 +91,13 @@ def _weighted_sums(graphdef, params, batch: Batch, cfg: Config, dropout_key=None
     """Sums over weighted tokens; the caller divides by the total weight of the whole batch, so
     that microbatching gives the same loss and gradient as one big batch. The router losses are
     per batch, so they enter weighted by this batch's token weight."""
-    ce, log_z, predictions, routers, exits = token_losses(graphdef, params, batch, dropout_key)
+    ce, log_z, target_is_top, routers, exits = token_losses(graphdef, params, batch, dropout_key, predict=False)
     w = batch["weights"]
     ce_sum = jnp.sum(w * ce)
     z_sum = jnp.sum(w * jnp.square(log_z))
     weight = jnp.sum(w)
     stats = {"ce_sum": ce_sum, "z_sum": z_sum, "weight": weight,
-             "correct": jnp.sum(w * (predictions == batch["targets"]))}
+             "correct": jnp.sum(w * target_is_top)}
     total = ce_sum + cfg.train.z_loss * z_sum
     if exits is not None:  # the last layer's CE and each exit's, weighted (model.recursion.exit_weights)
         exit_ce_sums = jnp.sum(w * exits["ce"], axis=(1, 2))
