@@ -39,6 +39,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # Attention kernels (README "Attention implementations"; layerjax/layers/attention_kernels.py).
     "model.attention_impl": ("auto", "xla", "causal_blocks", "jax_nn", "cudnn", "chunked", "cpu_kernel"),
     "model.canon_impl": ("auto", "xla", "cpu_kernel"),
+    # Dense-layer matmuls (README "Performance on CPU"; layerjax/layers/matmul_cpu.py).
+    "model.matmul_impl": ("auto", "xla", "mkl"),
     # Tuple settings: every entry must be one of these.
     "model.window_pattern": ("local", "global"),
     "model.bias_projections": ("q", "k", "v", "o", "up", "down"),
@@ -156,6 +158,10 @@ class ModelConfig:
     # cudnn where it runs, cpu_kernel on CPU where it applies, else causal_blocks. jax_nn and
     # cudnn have no attn_softcap. One-token decoding steps run xla.
     attention_impl: str = "auto"
+    # The dense layers' weight matmuls (attention projections, MLP, head): "xla" XLA's dot; "mkl"
+    # MKL's sgemm through XLA's FFI, on CPU in float32 (needs the layerjax[mkl] extra; on a
+    # computation of several devices it runs xla); "auto" mkl where it runs, else xla.
+    matmul_impl: str = "auto"
     attention_chunk: int = 512  # attention_impl=chunked: queries (and keys) per block of scores
     # attention_impl=causal_blocks: queries per block (more when a row would have over 4 blocks)
     attention_block: int = 128
@@ -781,6 +787,9 @@ def validate(cfg: Config) -> None:
     if o.update_impl == "cpu_kernel" and m.param_dtype != "float32" and m.adapter.kind == "none":
         raise ConfigError(f"optim.update_impl='cpu_kernel' updates float32 parameters and model.param_dtype="
                           f"{m.param_dtype!r}; use optim.update_impl=auto (optax where the kernel does not apply)")
+    if m.matmul_impl == "mkl" and m.dtype != "float32":
+        raise ConfigError(f"model.matmul_impl='mkl' computes in float32 (model.dtype={m.dtype!r}); use "
+                          "model.matmul_impl=auto")
     if m.attention_impl == "cudnn" and m.dtype != "bfloat16":
         raise ConfigError(f"model.attention_impl='cudnn' (flash attention) computes in half precision; set "
                           f"model.dtype=bfloat16 (now {m.dtype!r}) or use model.attention_impl=auto")

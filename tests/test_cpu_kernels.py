@@ -124,7 +124,7 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler\\+\\+' on PATH"):
         cpu_kernels._build()
     monkeypatch.setenv("CXX", "false")  # a compiler that fails, with and without -march=native
-    with pytest.raises(RuntimeError, match="false -O3 .*canon_cpu.cc .*attention_cpu.cc .*adamw_cpu.cc failed"):
+    with pytest.raises(RuntimeError, match="false -O3 .*canon_cpu.cc .*attention_cpu.cc .*adamw_cpu.cc .*matmul_cpu.cc failed"):
         cpu_kernels._build()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
     monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda kernel: "RuntimeError: no C++ compiler")

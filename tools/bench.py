@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 from layerjax.allocator import current_allocator  # noqa: E402
 from layerjax.cli import add_config_args, config_from_args  # noqa: E402
 from layerjax.config import ConfigError, load_config  # noqa: E402
+from layerjax.layers.matmul_cpu import resolve_matmul_impl  # noqa: E402
 from layerjax.train.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from layerjax.sharding import per_device_bytes  # noqa: E402
 from layerjax.train.state import build_setup, init_state, jit_train_step, resolve_vocab  # noqa: E402
@@ -81,6 +82,8 @@ def bench(cfg, steps: int = 10, warmup: int = 2, peak_flops: float | None = None
                   f"ff{cfg.model.d_ff} v{cfg.model.vocab_size} seq{cfg.data.seq_len} b{cfg.data.batch_size} "
                   f"{cfg.model.dtype} {cfg.model.norm}-{cfg.model.norm_type} {cfg.model.mlp} "
                   f"scan={cfg.model.scan_layers} remat={cfg.model.remat}",
+        # model.matmul_impl resolved: "auto" is mkl only where the layerjax[mkl] extra is installed
+        "matmul": resolve_matmul_impl(cfg.model),
         "devices": f"{setup.mesh.size} x {jax.devices()[0].device_kind}",
         "params": setup.num_params,
         "compile_s": compile_s,

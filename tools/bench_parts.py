@@ -21,6 +21,7 @@ shape follows torch_ref's model: a config with another architecture is refused b
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import pathlib
@@ -65,12 +66,13 @@ def part_shapes(cfg) -> dict:
             "ff": d_ff(m), "vocab": m.vocab_size or d.synthetic_vocab, "layers": m.num_layers}
 
 
-def layer_matmuls(x, w_qkv, w_o, w_in, w_out):
-    """One layer's four weight matmuls in layerjax (its `dense`), side by side."""
+def layer_matmuls(x, w_qkv, w_o, w_in, w_out, impl: str = "xla"):
+    """One layer's four weight matmuls in layerjax (its `dense`, impl: model.matmul_impl resolved),
+    side by side."""
     from layerjax.layers.params import dense
 
-    qkv = dense(x, w_qkv)
-    y = dense(x, w_o) + dense(dense(x, w_in), w_out)
+    qkv = dense(x, w_qkv, impl=impl)
+    y = dense(x, w_o, impl=impl) + dense(dense(x, w_in, impl=impl), w_out, impl=impl)
     return jnp.concatenate([qkv, y], axis=-1)
 
 
@@ -90,7 +92,9 @@ def jax_parts(cfg) -> dict:
     """{part: (calls per step, a function of no arguments that runs it and waits)}, in layerjax."""
     from layerjax.layers.activations import gelu_tanh
     from layerjax.layers.attention_cpu import packed_attention
+    from layerjax.layers.matmul_cpu import resolve_matmul_impl
     from layerjax.layers.norms import normalize
+    from layerjax.layers.params import dense
     from layerjax.train.head_loss import cross_entropy
     from layerjax.train.state import build_setup, init_state, jit_train_step
     from layerjax.train.step import apply_gradients
@@ -108,8 +112,10 @@ def jax_parts(cfg) -> dict:
         run = jax.jit(forward_backward(f))
         return lambda: jax.block_until_ready(run(cotangent, *args))
 
+    matmul = resolve_matmul_impl(cfg.model)
+
     def head_loss(hidden, table, targets):
-        return jnp.mean(cross_entropy(hidden @ table.T, targets)[0])
+        return jnp.mean(cross_entropy(dense(hidden, table, impl=matmul, w_transposed=True), targets)[0])
 
     causal = jnp.tril(jnp.ones((l, l), bool))[None]
     targets = jnp.asarray(rng.integers(0, v, (b * l,), dtype=np.int32))
@@ -132,7 +138,7 @@ def jax_parts(cfg) -> dict:
 
     return {
         WHOLE_STEP: (1, whole_step),
-        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(layer_matmuls, normal(b * l, w), weight(w, 3 * w),
+        "weight matmuls (4 per layer)": (s["layers"], fwd_bwd(functools.partial(layer_matmuls, impl=matmul), normal(b * l, w), weight(w, 3 * w),
                                                              weight(w, w), weight(w, ff), weight(ff, w))),
         "attention": (s["layers"], fwd_bwd(lambda qkv: packed_attention(qkv, causal, h, (w // h) ** -0.5, 0.0),
                                            normal(b, l, 3 * h, w // h))),

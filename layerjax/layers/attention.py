@@ -64,19 +64,19 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs, biases: Collection[str] = (), qk_norm_scope: str = "head",
                  norm_offset: bool = False, scale: float = 0.0, logit_cap: float = 0.0,
                  canon_b: Canon | None = None, value_init_scale: float = 1.0, adapters: dict | None = None,
-                 impl: str = "xla", chunk: int = 512, block: int = 128):
+                 impl: str = "xla", chunk: int = 512, block: int = 128, matmul: str = "xla"):
         """rope_freqs: RoPE's inverse frequencies (`rope_frequencies`), None for no RoPE.
         biases: which of "q", "k", "v", "o" have a bias. scale, logit_cap: see
         `reference_attention`. value_init_scale multiplies the init std of wv and wo only
         (DeepNorm's beta). impl, chunk, block: the attention kernel and the chunked and
         causal_blocks kernels' block sizes (`attention_kernels.attend`; "auto" resolved by
-        `resolve_attention_impl`)."""
+        `resolve_attention_impl`). matmul: the projections' matmuls (`dense`'s impl)."""
         # A tuple of floats, not an array: static module data must be hashable.
         self.rope_freqs = None if rope_freqs is None else tuple(float(f) for f in rope_freqs)
         # Low-rank adapters by projection name ("q", "k", "v", "o"), each adding a delta to its output.
         self.adapters = nnx.Dict(adapters or {})
         self.scale, self.logit_cap = scale, logit_cap
-        self.impl, self.chunk, self.block = impl, chunk, block
+        self.impl, self.chunk, self.block, self.matmul = impl, chunk, block, matmul
         self.canon_b = canon_b  # canon position B: on q, k, v after QK-norm, before RoPE
         self.wq = normal_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), init_std)
         self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), init_std)
@@ -107,7 +107,7 @@ class Attention(nnx.Module):
         # One [D, H+2N, K] matmul instead of three: larger matmuls run closer to peak on CPU.
         heads, kv_heads = self.wq.shape[1], self.wk.shape[1]
         w_qkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
-        q, k, v = jnp.split(dense(x_BxLxD, w_qkv), [heads, heads + kv_heads], axis=2)  # [B, L, *, K]
+        q, k, v = jnp.split(dense(x_BxLxD, w_qkv, impl=self.matmul), [heads, heads + kv_heads], axis=2)  # [B, L, *, K]
         add_bias = lambda t, b: t if b is None else t + b[...].astype(dtype)
         q, k, v = add_bias(q, self.bq), add_bias(k, self.bk), add_bias(v, self.bv)
         q, k, v = (self._adapted(name, x_BxLxD, t, ctx, relax) for name, t in (("q", q), ("k", k), ("v", v)))
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
                              self_attention=cache is None, scale=self.scale, logit_cap=self.logit_cap,
                              chunk=self.chunk, block=self.block)
         out_BxLxHxK = jnp.swapaxes(out_BxHxLxK, 1, 2)
-        out_BxLxD = add_bias(dense(out_BxLxHxK, self.wo[...], in_dims=2), self.bo)
+        out_BxLxD = add_bias(dense(out_BxLxHxK, self.wo[...], in_dims=2, impl=self.matmul), self.bo)
         out_BxLxD = self._adapted("o", out_BxLxHxK.reshape(*out_BxLxD.shape[:2], -1), out_BxLxD, ctx, relax)
         return out_BxLxD, new_cache
 

@@ -1,6 +1,6 @@
-"""layerjax's C++ CPU kernels (canon_cpu.cc, attention_cpu.cc, adamw_cpu.cc): built, loaded and
-registered with XLA's FFI here, and called from JAX by canon_kernel.py, attention_cpu.py and
-layerjax/train/adamw_kernel.py.
+"""layerjax's C++ CPU kernels (canon_cpu.cc, attention_cpu.cc, adamw_cpu.cc, matmul_cpu.cc): built,
+loaded and registered with XLA's FFI here, and called from JAX by canon_kernel.py,
+attention_cpu.py, layerjax/train/adamw_kernel.py and matmul_cpu.py.
 
 The library is compiled on first use with the machine's C++ compiler against the FFI headers that
 jaxlib ships, and cached under ~/.cache/layerjax/kernels (LAYERJAX_KERNEL_CACHE overrides), keyed
@@ -30,14 +30,15 @@ import jax.numpy as jnp
 from layerjax.sharding import devices_in_play
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "canon_cpu.cc", HERE / "attention_cpu.cc", HERE / "adamw_cpu.cc"]
+SOURCES = [HERE / "canon_cpu.cc", HERE / "attention_cpu.cc", HERE / "adamw_cpu.cc", HERE / "matmul_cpu.cc"]
 HEADERS = [HERE / "cpu_parallel.h"]
 TARGETS = {"layerjax_canon_forward": "LayerjaxCanonForward",
            "layerjax_canon_backward": "LayerjaxCanonBackward",
            "layerjax_attention_forward": "LayerjaxAttentionForward",
            "layerjax_attention_backward": "LayerjaxAttentionBackward",
            "layerjax_adamw_norm": "LayerjaxAdamwNorm",
-           "layerjax_adamw_apply": "LayerjaxAdamwApply"}
+           "layerjax_adamw_apply": "LayerjaxAdamwApply",
+           "layerjax_matmul": "LayerjaxMatmul"}
 
 
 # -fno-math-errno: sqrt need not set errno, so loops with a sqrt vectorise; -fopenmp-simd: the
@@ -108,8 +109,17 @@ def _library() -> ctypes.CDLL | str:
     return library
 
 
+def library() -> ctypes.CDLL:
+    """The loaded library (for its plain C entry points); raises where it is unavailable."""
+    loaded = _library()
+    if isinstance(loaded, str):
+        raise RuntimeError(f"the CPU kernels are unavailable: {loaded}")
+    return loaded
+
+
 def unavailable_reason(kernel: str = "canon") -> str | None:
-    """None when `kernel` ("canon", "attention" or "adamw") is built and registered, else why not."""
+    """None when `kernel` ("canon", "attention", "adamw" or "matmul") is built and registered, else
+    why not (the matmul also needs MKL: matmul_cpu.unavailable_reason)."""
     library = _library()
     if isinstance(library, str):
         return library

@@ -22,9 +22,9 @@ class Embedding(nnx.Module):
             x_BxLxD = x_BxLxD * jnp.asarray(self.multiplier, dtype)
         return x_BxLxD
 
-    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-        """The tied output head: logits against every token's embedding."""
-        return dense(x_BxLxD, self.table[...].T)
+    def attend(self, x_BxLxD: jax.Array, matmul: str = "xla") -> jax.Array:
+        """The tied output head: logits against every token's embedding. matmul: `dense`'s impl."""
+        return dense(x_BxLxD, self.table[...], impl=matmul, w_transposed=True)
 
 
 class LearnedPositions(nnx.Module):

@@ -24,10 +24,12 @@ GATED_ACTIVATIONS = {
 
 class MLP(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str, biases: Collection[str], init_std: float,
-                 rngs: nnx.Rngs, canon_d: Canon | None = None, adapters: dict | None = None, router=None):
+                 rngs: nnx.Rngs, canon_d: Canon | None = None, adapters: dict | None = None, router=None,
+                 matmul: str = "xla"):
         """kind: a key of GATED_ACTIVATIONS, or "gelu". biases: which of "up" (the input side: gate
-        and up, or w_in) and "down" (the output) have a bias."""
+        and up, or w_in) and "down" (the output) have a bias. matmul: `dense`'s impl."""
         self.kind = kind
+        self.matmul = matmul
         # Low-rank adapters by projection ("gate", "up": the input side, "down": the output), and
         # for MoLE one router shared by them (else each mixture routes for itself).
         self.adapters = nnx.Dict(adapters or {})
@@ -55,7 +57,7 @@ class MLP(nnx.Module):
             w_in = jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
         else:
             w_in = self.w_in[...]
-        h_BxLxF = dense(x_BxLxD, w_in)
+        h_BxLxF = dense(x_BxLxD, w_in, impl=self.matmul)
         if self.b_in is not None:
             h_BxLxF = h_BxLxF + self.b_in[...].astype(dtype)
         shared = None if self.router is None else self.router(x_BxLxD.reshape(-1, x_BxLxD.shape[-1]))
@@ -73,7 +75,7 @@ class MLP(nnx.Module):
             h_BxLxF = GATED_ACTIVATIONS[self.kind](gate) * up
         else:
             h_BxLxF = gelu_tanh(h_BxLxF)
-        out_BxLxD = dense(h_BxLxF, self.w_out[...])
+        out_BxLxD = dense(h_BxLxF, self.w_out[...], impl=self.matmul)
         if self.b_out is not None:
             out_BxLxD = out_BxLxD + self.b_out[...].astype(dtype)
         if "down" in adapted:

@@ -15,6 +15,7 @@ from layerjax.config import ModelConfig, biased_projections, d_ff, head_dim, kv_
 from layerjax.layers.adapters import LowRankAdapter, Router
 from layerjax.layers.attention import Attention, Context, KVCache
 from layerjax.layers.attention_kernels import resolve_attention_impl
+from layerjax.layers.matmul_cpu import resolve_matmul_impl
 from layerjax.layers.canon import canon_widths, make_canon
 from layerjax.layers.embed import rope_frequencies
 from layerjax.layers.mlp import GATED_ACTIVATIONS, MLP
@@ -43,12 +44,12 @@ class Block(nnx.Module):
             norm_offset=m.norm_offset, biases=biased_projections(m), scale=m.attn_scale, logit_cap=m.attn_softcap,
             init_std=m.init_std, rngs=rngs, canon_b=canon("B", None), value_init_scale=spec.init_scale,
             adapters=make_attention_adapters(m, spec, rngs), impl=resolve_attention_impl(m),
-            chunk=m.attention_chunk, block=m.attention_block)
+            chunk=m.attention_chunk, block=m.attention_block, matmul=resolve_matmul_impl(m))
         self.mlp_norm = norm()
         self.canon_c = canon("C", "embed")
         mlp_adapters, router = make_mlp_adapters(m, spec, rngs)
         self.mlp = MLP(m.d_model, d_ff(m), m.mlp, biased_projections(m), m.init_std * spec.init_scale, rngs,
-                       canon_d=canon("D", "mlp"), adapters=mlp_adapters, router=router)
+                       canon_d=canon("D", "mlp"), adapters=mlp_adapters, router=router, matmul=resolve_matmul_impl(m))
         # Peri-LN's second norm on each sublayer's output, with its own trainable gain.
         self.attn_out_norm = norm() if spec.norm == "peri" else None
         self.mlp_out_norm = norm() if spec.norm == "peri" else None

@@ -11,8 +11,9 @@ from layerjax.layers.canon import canon_widths
 from layerjax.diagnostics.stats import residual_stats
 from layerjax.layers.adapters import pool_router_stats
 from layerjax.layers.attention import Context, KVCache
-from layerjax.layers import attention_cpu
+from layerjax.layers import attention_cpu, matmul_cpu
 from layerjax.layers.attention_kernels import resolve_attention_impl, softcap
+from layerjax.layers.matmul_cpu import resolve_matmul_impl
 from layerjax.layers.embed import Embedding, LearnedPositions
 from layerjax.layers.norms import Norm
 from layerjax.layers.params import dense, normal_param
@@ -24,19 +25,21 @@ from layerjax.sharding import constrain
 # activation sharding on (layerjax.sharding.activation_sharding); a no-op otherwise.
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 
-# The CPU attention kernel's output and softmax statistics (not matmuls, so the dot policies
-# would drop them): kept, or the backward pass would rerun the kernel's forward.
-_keep_cpu_attention = jax.checkpoint_policies.save_only_these_names(*attention_cpu.SAVED_NAMES)
+# The CPU attention kernel's output and softmax statistics, and the MKL matmuls' outputs (custom
+# calls, not dots, so the dot policies would drop them): kept, or the backward pass would rerun
+# the kernels' forward.
+_keep_cpu_kernels = jax.checkpoint_policies.save_only_these_names(*attention_cpu.SAVED_NAMES,
+                                                                   matmul_cpu.SAVED_NAME)
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     # keep the outputs of weight matmuls, recompute attention scores and elementwise ops
     "save_matmuls": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _keep_cpu_attention),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _keep_cpu_kernels),
     # keep every matmul's output, attention's scores and weighted values too: the backward pass
     # recomputes only elementwise work (the softmax's exp among it). Scores cost [heads, keys] per
     # token and layer; the chunked kernel's own checkpoints still keep none.
     "save_dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable, _keep_cpu_attention),
+        jax.checkpoint_policies.dots_saveable, _keep_cpu_kernels),
 }
 
 
@@ -172,6 +175,7 @@ class Transformer(nnx.Module):
     def __init__(self, m: ModelConfig, rngs: nnx.Rngs, plan: Plan | None = None):
         self.config = m
         self.plan = plan or build_plan(m)
+        self.matmul = resolve_matmul_impl(m)  # the head's matmul (`dense`'s impl)
         self.embed = Embedding(m.vocab_size, m.d_model, m.init_std, rngs, scaled=m.embed_scale)
         self.positions = LearnedPositions(m.max_seq_len, m.d_model, m.init_std, rngs) if m.positions == "learned" else None
         norm = lambda: Norm(m.d_model, m.norm_type, m.norm_eps, m.use_bias, offset=m.norm_offset)
@@ -253,9 +257,9 @@ class Transformer(nnx.Module):
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
         if self.head is None:
-            logits = self.embed.attend(x_BxLxD)
+            logits = self.embed.attend(x_BxLxD, self.matmul)
         else:
-            logits = dense(x_BxLxD, self.head[...])
+            logits = dense(x_BxLxD, self.head[...], impl=self.matmul)
         logits = logits.astype(jnp.float32)
         if m.final_softcap:
             logits = softcap(logits, m.final_softcap)

@@ -24,7 +24,7 @@ LOCK_NAME = ".lock"
 FREE_PREFIXES = ("logging.", "checkpoint.", "mesh.", "train.log_every", "train.eval_every",
                  "train.on_nonfinite", "train.max_skipped", "train.profile_steps", "train.init_from", "train.run_dir",
                  "model.remat", "model.attention_impl", "model.attention_chunk", "model.attention_block",
-                 "model.loss_chunk", "model.canon_impl", "model.scan_unroll")
+                 "model.loss_chunk", "model.canon_impl", "model.scan_unroll", "model.matmul_impl")
 # Settings a resume may change only with --allow-config-change: the model and the data stream stay
 # the same, but the optimisation continues differently from how it started (a longer or shorter
 # schedule, another learning rate, more eval batches).
