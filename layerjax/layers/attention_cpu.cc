@@ -118,16 +118,19 @@ void MixTile(const float* p, int64_t p_stride, int64_t keys, const float* v, int
   for (; d0 < dim; d0 += kCols) RowsTimesColumns<1>(p, p_stride, keys, v + d0, v_stride, out + d0, dim);
 }
 
-template <int N>
+// R rows at a time: each accumulator is read and written once per R rows (with 4, the dK and dV
+// accumulators' loads and stores bounded the backward pass); R=8 keeps x's 8 x N vectors, N
+// accumulators and the broadcast in the 32 registers.
+template <int N, int R>
 inline void OuterBlock(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* a,
                        int64_t acc_stride) {
-  __m512 xv[kRows][N];
-  for (int r = 0; r < kRows; ++r)
+  __m512 xv[R][N];
+  for (int r = 0; r < R; ++r)
     for (int n = 0; n < N; ++n) xv[r][n] = _mm512_loadu_ps(x + r * dim + 16 * n);
   for (int64_t j = 0; j < keys; ++j, a += acc_stride) {
     __m512 acc[N];
     for (int n = 0; n < N; ++n) acc[n] = _mm512_loadu_ps(a + 16 * n);
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(p[r * p_stride + j]);
       for (int n = 0; n < N; ++n) acc[n] = _mm512_fmadd_ps(w, xv[r][n], acc[n]);
     }
@@ -135,12 +138,14 @@ inline void OuterBlock(const float* p, int64_t p_stride, int64_t keys, const flo
   }
 }
 
-// acc[j][d] += sum_r p[r][j] * x[r][d]; r < 4; acc's rows acc_stride apart.
-void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc,
-               int64_t acc_stride) {
+// acc[j][d] += sum_r p[r][j] * x[r][d]; r < 2 * kRows (two tiles' rows); acc's rows acc_stride
+// apart. The same FMAs in the same order as two 4-row passes, so the same bits as the AVX2 form.
+void OuterTiles(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc,
+                int64_t acc_stride) {
   int64_t d0 = 0;
-  for (; d0 + 2 * kCols <= dim; d0 += 2 * kCols) OuterBlock<2>(p, p_stride, keys, x + d0, dim, acc + d0, acc_stride);
-  for (; d0 < dim; d0 += kCols) OuterBlock<1>(p, p_stride, keys, x + d0, dim, acc + d0, acc_stride);
+  for (; d0 + 2 * kCols <= dim; d0 += 2 * kCols)
+    OuterBlock<2, 2 * kRows>(p, p_stride, keys, x + d0, dim, acc + d0, acc_stride);
+  for (; d0 < dim; d0 += kCols) OuterBlock<1, 2 * kRows>(p, p_stride, keys, x + d0, dim, acc + d0, acc_stride);
 }
 
 #else  // AVX2: two 8-float vectors per row of a 16-wide tile
@@ -217,6 +222,13 @@ void OuterTile(const float* p, int64_t p_stride, int64_t keys, const float* x, i
       _mm256_storeu_ps(a, a0); _mm256_storeu_ps(a + 8, a1);
     }
   }
+}
+
+// Two tiles' rows, one after the other (16 registers hold one 4-row tile's x).
+void OuterTiles(const float* p, int64_t p_stride, int64_t keys, const float* x, int64_t dim, float* acc,
+                int64_t acc_stride) {
+  OuterTile(p, p_stride, keys, x, dim, acc, acc_stride);
+  OuterTile(p + kRows * p_stride, p_stride, keys, x + kRows * dim, dim, acc, acc_stride);
 }
 
 #endif  // __AVX512F__
@@ -405,8 +417,10 @@ ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
       std::fill(dvh + j * s.row, dvh + j * s.row + s.dim, 0.0f);
     }
     const uint8_t* mb = mask.typed_data() + b * s.length * mstride;
-    std::vector<float> kt(s.dim * s.stride), vt(s.dim * s.stride), p(kRows * s.stride), ds(kRows * s.stride),
-        qtile(kRows * s.dim), dotile(kRows * s.dim), otile(kRows * s.dim), dqtile(kRows * s.dim);
+    // Two 4-row tiles per block: P and dS of both, then one dK / dV update over all 8 rows.
+    constexpr int kBlock = 2 * kRows;
+    std::vector<float> kt(s.dim * s.stride), vt(s.dim * s.stride), p(kBlock * s.stride), ds(kBlock * s.stride),
+        qtile(kBlock * s.dim), dotile(kBlock * s.dim), otile(kRows * s.dim), dqtile(kRows * s.dim);
     Transpose(kh, s.row, s.length, s.dim, s.stride, kt.data());
     Transpose(vh, s.row, s.length, s.dim, s.stride, vt.data());
     for (int64_t g = 0; g < s.group; ++g) {
@@ -416,46 +430,57 @@ ffi::Error AttnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
       const float* doh = dout.typed_data() + b * s.length * s.orow + h * s.dim;
       const float* lh = lse.typed_data() + (b * s.heads + h) * s.length;
       float* dqh = dtokens + h * s.dim;
-      for (int64_t i0 = 0; i0 < s.length; i0 += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, s.length - i0));
-        const int64_t end = TileEnd(mb, i0, rows, mstride);
+      for (int64_t b0 = 0; b0 < s.length; b0 += kBlock) {
+        // Keys up to the block's last visible one: a row's keys past its own are masked to zero
+        // probability, so they add nothing to dQ, dK or dV.
+        const int64_t end = TileEnd(mb, b0, static_cast<int>(std::min<int64_t>(kBlock, s.length - b0)), mstride);
         const int64_t end_pad = (end + kCols - 1) / kCols * kCols;
-        LoadRows(qh + i0 * s.row, s.row, rows, s.dim, qtile.data());
-        LoadRows(doh + i0 * s.orow, s.orow, rows, s.dim, dotile.data());
-        LoadRows(oh + i0 * s.orow, s.orow, rows, s.dim, otile.data());
-        ScoresTile(qtile.data(), s.dim, kt.data(), s.stride, end_pad, p.data(), s.stride);
-        ScoresTile(dotile.data(), s.dim, vt.data(), s.stride, end_pad, ds.data(), s.stride);
-        for (int r = 0; r < kRows; ++r) {
-          float* prow = p.data() + r * s.stride;
-          float* drow = ds.data() + r * s.stride;
-          if (r >= rows) { std::fill(prow, prow + end_pad, 0.0f); std::fill(drow, drow + end_pad, 0.0f); continue; }
-          const uint8_t* m = mb + (i0 + r) * mstride;
-          std::vector<float> capped;
-          if (cap > 0) {
-            capped.resize(end);
-            for (int64_t j = 0; j < end; ++j) capped[j] = cap * std::tanh(prow[j] * scale / cap);
+        for (int tile = 0; tile < 2; ++tile) {
+          const int64_t i0 = b0 + tile * kRows;
+          const int rows = static_cast<int>(std::clamp<int64_t>(s.length - i0, 0, kRows));
+          float* pt = p.data() + tile * kRows * s.stride;
+          float* dst = ds.data() + tile * kRows * s.stride;
+          float* qt = qtile.data() + tile * kRows * s.dim;
+          float* dot = dotile.data() + tile * kRows * s.dim;
+          LoadRows(qh + i0 * s.row, s.row, rows, s.dim, qt);
+          LoadRows(doh + i0 * s.orow, s.orow, rows, s.dim, dot);
+          LoadRows(oh + i0 * s.orow, s.orow, rows, s.dim, otile.data());
+          ScoresTile(qt, s.dim, kt.data(), s.stride, end_pad, pt, s.stride);
+          ScoresTile(dot, s.dim, vt.data(), s.stride, end_pad, dst, s.stride);
+          for (int r = 0; r < kRows; ++r) {
+            float* prow = pt + r * s.stride;
+            float* drow = dst + r * s.stride;
+            if (r >= rows) { std::fill(prow, prow + end_pad, 0.0f); std::fill(drow, drow + end_pad, 0.0f); continue; }
+            const uint8_t* m = mb + (i0 + r) * mstride;
+            std::vector<float> capped;
+            if (cap > 0) {
+              capped.resize(end);
+              for (int64_t j = 0; j < end; ++j) capped[j] = cap * std::tanh(prow[j] * scale / cap);
+            }
+            SoftmaxRow(prow, m, end, end_pad, scale, cap, false, lh[i0 + r]);
+            float delta = 0.0f;
+            for (int64_t d = 0; d < s.dim; ++d) delta += dot[r * s.dim + d] * otile[r * s.dim + d];
+            const __m256 vdelta = _mm256_set1_ps(delta), vscale = _mm256_set1_ps(scale);
+            if (cap > 0) {
+              for (int64_t j = 0; j < end; ++j) {
+                const float t = capped[j] / cap;
+                drow[j] = prow[j] * (drow[j] - delta) * (1.0f - t * t) * scale;
+              }
+              for (int64_t j = end; j < end_pad; ++j) drow[j] = 0.0f;
+            } else {
+              for (int64_t j = 0; j < end_pad; j += 8) {
+                const __m256 pv = _mm256_loadu_ps(prow + j);
+                _mm256_storeu_ps(drow + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(drow + j), vdelta)), vscale));
+              }
+            }
           }
-          SoftmaxRow(prow, m, end, end_pad, scale, cap, false, lh[i0 + r]);
-          float delta = 0.0f;
-          for (int64_t d = 0; d < s.dim; ++d) delta += dotile[r * s.dim + d] * otile[r * s.dim + d];
-          const __m256 vdelta = _mm256_set1_ps(delta), vscale = _mm256_set1_ps(scale);
-          if (cap > 0) {
-            for (int64_t j = 0; j < end; ++j) {
-              const float t = capped[j] / cap;
-              drow[j] = prow[j] * (drow[j] - delta) * (1.0f - t * t) * scale;
-            }
-            for (int64_t j = end; j < end_pad; ++j) drow[j] = 0.0f;
-          } else {
-            for (int64_t j = 0; j < end_pad; j += 8) {
-              const __m256 pv = _mm256_loadu_ps(prow + j);
-              _mm256_storeu_ps(drow + j, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(drow + j), vdelta)), vscale));
-            }
+          if (rows > 0) {
+            MixTile(dst, s.stride, end, kh, s.row, s.dim, dqtile.data());
+            StoreRows(dqtile.data(), rows, s.dim, dqh + i0 * s.row, s.row);
           }
         }
-        MixTile(ds.data(), s.stride, end, kh, s.row, s.dim, dqtile.data());
-        StoreRows(dqtile.data(), rows, s.dim, dqh + i0 * s.row, s.row);
-        OuterTile(p.data(), s.stride, end, dotile.data(), s.dim, dvh, s.row);
-        OuterTile(ds.data(), s.stride, end, qtile.data(), s.dim, dkh, s.row);
+        OuterTiles(p.data(), s.stride, end, dotile.data(), s.dim, dvh, s.row);
+        OuterTiles(ds.data(), s.stride, end, qtile.data(), s.dim, dkh, s.row);
       }
     }
   });
