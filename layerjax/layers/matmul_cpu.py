@@ -96,13 +96,17 @@ def _sgemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Arra
 def matmul(x_TxI: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Array:
     """x [T, in] @ w [in, out] (or w [out, in] with w_transposed: a tied head reading the
     embedding table), float32, through MKL. Callers check `blocker` first."""
+    return _named_forward(x_TxI, w, w_transposed)
+
+
+def _named_forward(x_TxI, w, w_transposed):
     return checkpoint_name(_sgemm(x_TxI, w, False, w_transposed), SAVED_NAME)
 
 
 def _matmul_fwd(x_TxI, w, w_transposed):
-    # The name is set here, not by calling `matmul`: inside a nested custom_vjp call the remat
-    # policy would not see it, and a scanned stack under save_dots recomputed 3 of 4 matmuls.
-    return checkpoint_name(_sgemm(x_TxI, w, False, w_transposed), SAVED_NAME), (x_TxI, w)
+    # Named here, not by calling `matmul`: inside a nested custom_vjp call the remat policy would
+    # not see the name, and a scanned stack under save_dots recomputed 3 of 4 matmuls.
+    return _named_forward(x_TxI, w, w_transposed), (x_TxI, w)
 
 
 def _matmul_bwd(w_transposed, saved, d_out_TxO):
